@@ -1,0 +1,1 @@
+"""AVE: the control plane of device test labs."""

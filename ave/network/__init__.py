@@ -1,0 +1,1 @@
+"""Networking for AVE services: framing, connections, processes and RPC controls."""

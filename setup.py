@@ -1,0 +1,23 @@
+"""Packaging for AVE.
+
+The FdTx extension is compiled from native/fdtx.c by cffi while the package is built,
+so every install (pip, editable, Debian) carries a native module made for its host.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name='ave',
+    version='0.1.0',
+    description='Control plane of device test labs: broker, sessions and equipment',
+    packages=find_packages(include=['ave', 'ave.*']),
+    python_requires='>=3.11',
+    setup_requires=['cffi>=1.15'],
+    install_requires=['psutil', 'pyudev', 'pexpect', 'cffi>=1.15'],
+    extras_require={'test': ['pytest', 'pytest-timeout']},
+    cffi_modules=['native/build_native.py:ffibuilder'],
+    entry_points={
+        'console_scripts': [
+            'ave-config = ave.config_cli:main',
+        ],
+    },
+)
