@@ -3,8 +3,6 @@
 Each test gets its own home directory, so nothing ever reads or writes the real
 ~/.ave or /etc/ave, and tests can run in any order.
 """
-import os
-
 import pytest
 
 
@@ -23,7 +21,3 @@ def _isolated_home(tmp_path, monkeypatch):
     fake.mkdir()
     monkeypatch.setenv('HOME', str(fake))
     yield
-
-
-def pytest_configure(config):
-    os.environ.setdefault('AVE_TESTING', '1')
