@@ -44,7 +44,7 @@ class ConnectionAgain(ConnectionException):
     default_message = 'connection again'
 
 
-class ConnectionReset(ConnectionException):
-    """The peer reset the connection."""
+class ConnectionReset(ConnectionClosed):
+    """The peer reset the connection (a closed connection that ended abruptly)."""
 
     default_message = 'connection reset'

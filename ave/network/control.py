@@ -1,0 +1,673 @@
+"""RPC services (``Control``) and their clients (``RemoteControl``).
+
+A Control is a single-threaded event loop on ``selectors`` serving framed JSON
+requests. Each registered descriptor carries one small object whose ``state`` names
+the handler that deals with it:
+
+    listening       the accepting socket: new peers start authenticating
+    authenticating  challenge sent, waiting for the HMAC digest (dropped after 10 s)
+    established     requests in, replies out
+    watched         added by the service itself; only its liveness matters
+    joining         a pidfd of a child Process handed to ``join_later``
+    waking          the signal wake-up socket, so SIGTERM is handled between steps
+
+Reading this file top to bottom answers "what happens to a request": it is read in
+``_on_established``, decoded and checked in ``_serve``, authorized in ``_find_rpc``,
+and answered through ``_reply``.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging as logginglib
+import os
+import secrets
+import selectors
+import signal
+import socket as socketlib
+import time
+from collections import deque
+from typing import Any, Callable
+
+from ave.exceptions import AuthError, AveException, Exit, details_of, exception_factory
+from ave.network import framing
+from ave.network.connection import BlockingConnection, Connection
+from ave.network.exceptions import ConnectionAgain, ConnectionClosed
+from ave.network.process import Process
+
+CHALLENGE_PREFIX = b'#CHALLENGE#'
+NONCE_SIZE = 32
+HANDSHAKE_TIMEOUT = 10.0
+EXIT_FLUSH_TIMEOUT = 1.0
+
+LISTENING = 'listening'
+AUTHENTICATING = 'authenticating'
+ESTABLISHED = 'established'
+WATCHED = 'watched'
+JOINING = 'joining'
+WAKING = 'waking'
+
+log = logginglib.getLogger(__name__)
+
+
+# -- decorators -------------------------------------------------------------------------
+# They only mark the function, so they stack in any order.
+
+def rpc(function: Callable) -> Callable:
+    """Make a Control method callable over the network."""
+    function.ave_rpc = True
+    return function
+
+
+def auth(function: Callable) -> Callable:
+    """Admit only clients holding the Control's primary key (everyone if it has none)."""
+    function.ave_auth = True
+    return function
+
+
+def preauth(*accounts: str) -> Callable[[Callable], Callable]:
+    """Admit only clients holding one of these accounts' keys.
+
+    When none of the named accounts has a key configured, everyone is admitted: a lab
+    that never set keys is not locked out of its own tools.
+    """
+    def mark(function: Callable) -> Callable:
+        function.ave_preauth = tuple(accounts)
+        return function
+    return mark
+
+
+# -- per-descriptor state ---------------------------------------------------------------
+
+class Peer:
+    """One connection and everything the loop knows about it."""
+
+    __slots__ = ('connection', 'fd', 'state', 'writing', 'challenge', 'deadline',
+                 'authkey', 'primary', 'accounts')
+
+    def __init__(self, connection: Connection, state: str) -> None:
+        self.connection = connection
+        self.fd = connection.fileno()
+        self.state = state
+        self.writing = False
+        self.challenge = b''
+        self.deadline = 0.0
+        self.authkey: str | None = None
+        self.primary = False
+        self.accounts: frozenset[str] = frozenset()
+
+    @property
+    def authenticated(self) -> bool:
+        return self.primary or bool(self.accounts)
+
+
+class _Joining:
+    __slots__ = ('process', 'pidfd', 'state')
+
+    def __init__(self, process: Process, pidfd: int) -> None:
+        self.process = process
+        self.pidfd = pidfd
+        self.state = JOINING
+
+
+class _Waking:
+    __slots__ = ('receiver', 'sender', 'state')
+
+    def __init__(self) -> None:
+        self.receiver, self.sender = socketlib.socketpair()
+        self.receiver.setblocking(False)
+        self.sender.setblocking(False)
+        self.state = WAKING
+
+
+# -- the server -------------------------------------------------------------------------
+
+class Control(Process):
+    """An RPC service: a Process that serves ``@rpc`` methods of its subclass."""
+
+    rpc = staticmethod(rpc)
+    auth = staticmethod(auth)
+    preauth = staticmethod(preauth)
+
+    def __init__(self, port: int, authkey: str | None = None,
+                 socket: socketlib.socket | None = None, alt_keys: dict | None = None,
+                 interval: float | None = None, home: str | None = None,
+                 proc_name: str | None = None, logging: bool = False,
+                 host: str = '127.0.0.1') -> None:
+        super().__init__(logging=logging, proc_name=proc_name)
+        self.home = home
+        self.authkey = authkey
+        self.alt_keys = dict(alt_keys or {})
+        self.interval = interval
+        self.keep_going = True
+        self.caller: Peer | None = None
+        self.listener = self._make_listener(host, port, socket)
+        self.port = self.listener.address[1]
+        self._selector: selectors.BaseSelector | None = None
+        self._handshakes: deque[Peer] = deque()
+        self._last_activity = time.monotonic()
+        self._waking: _Waking | None = None
+        self._terminating = False
+        self._handlers = {
+            LISTENING: self._on_listening,
+            AUTHENTICATING: self._on_authenticating,
+            ESTABLISHED: self._on_established,
+            WATCHED: self._on_watched,
+            JOINING: self._on_joining,
+            WAKING: self._on_waking,
+        }
+
+    @staticmethod
+    def _make_listener(host: str, port: int, sock: socketlib.socket | None) -> Connection:
+        if sock is not None:
+            return Connection(sock.getsockname()[:2], sock)
+        listener = Connection((host, port))
+        listener.listen()
+        return listener
+
+    # -- hooks for subclasses ----------------------------------------------------------
+
+    def new_connection(self, connection: Connection, authkey: str | None) -> None:
+        """Called when a client has finished its handshake."""
+
+    def lost_connection(self, connection: Connection, authkey: str | None) -> None:
+        """Called when an established or added connection is gone, whoever closed it."""
+
+    def joined_process(self, pid: int, exit: int | None) -> None:
+        """Called when a process handed to ``join_later`` has been reaped."""
+
+    def idle(self) -> None:
+        """Called after ``interval`` seconds without any traffic."""
+
+    # -- running -----------------------------------------------------------------------
+
+    def start(self, daemonize: bool = False, synchronize: bool = False) -> int:
+        """Fork the service; the parent's copy of the listening socket is closed.
+
+        Only the child must accept: if the child dies, clients should be refused,
+        not left waiting in a backlog nobody reads.
+        """
+        try:
+            return super().start(daemonize, synchronize)
+        finally:
+            self.listener.socket.close()
+
+    def close_fds(self, exclude: list[int]) -> None:
+        super().close_fds(exclude + [self.listener.fileno()])
+
+    def initialize(self) -> None:
+        super().initialize()
+        self._waking = _Waking()
+        signal.set_wakeup_fd(self._waking.sender.fileno(), warn_on_full_buffer=False)
+        self._loop().register(self._waking.receiver.fileno(), selectors.EVENT_READ,
+                              self._waking)
+
+    def handle_SIGTERM(self, signum: int, frame: Any) -> None:
+        """Ask the loop for an orderly shutdown; the wake-up socket interrupts its wait."""
+        self._terminating = True
+
+    def run(self) -> None:
+        """The service's main loop: step until shut down (exit status 0)."""
+        while self.keep_going:
+            self.step_main()
+
+    def step_main(self, timeout: float | None = None) -> None:
+        """Wait for traffic (at most ``timeout`` s) and dispatch all of it once.
+
+        Public so that tests can drive a Control in-process, deterministically.
+        """
+        if not self.keep_going:
+            raise Exit('the service has shut down')
+        selector = self._loop()
+        events = selector.select(self._wait_time(timeout))
+        for key, mask in events:
+            item = key.data
+            if item.state is not None:
+                self._handlers[item.state](item, mask)
+        now = time.monotonic()
+        if events:
+            self._last_activity = now
+        self._expire_handshakes(now)
+        if self._terminating and self.keep_going:
+            self.shutdown()
+        elif self.interval is not None and now - self._last_activity >= self.interval:
+            self._last_activity = now
+            self._call_hook(self.idle)
+
+    def _loop(self) -> selectors.BaseSelector:
+        """The selector, made on first use so that a forked child gets its own."""
+        if self._selector is None:
+            self._selector = selectors.DefaultSelector()
+            self._selector.register(self.listener.fileno(), selectors.EVENT_READ,
+                                    Peer(self.listener, LISTENING))
+        return self._selector
+
+    def _wait_time(self, timeout: float | None) -> float | None:
+        limits = [] if timeout is None else [timeout]
+        now = time.monotonic()
+        if self._handshakes:
+            limits.append(self._handshakes[0].deadline - now)
+        if self.interval is not None:
+            limits.append(self._last_activity + self.interval - now)
+        return max(0.0, min(limits)) if limits else None
+
+    def _call_hook(self, hook: Callable, *args: Any) -> None:
+        """Run a subclass hook; its failure is logged and never stops the service."""
+        try:
+            hook(*args)
+        except Exception:
+            log.exception('%s failed', hook.__name__)
+
+    # -- connections -------------------------------------------------------------------
+
+    def _on_listening(self, peer: Peer, mask: int) -> None:
+        for _ in range(64):
+            try:
+                connection = self.listener.accept()
+            except ConnectionAgain:
+                return
+            except (ConnectionClosed, OSError) as error:
+                log.warning('accept failed: %s', error)
+                return
+            self._begin_handshake(connection)
+
+    def _begin_handshake(self, connection: Connection) -> None:
+        peer = Peer(connection, AUTHENTICATING)
+        peer.challenge = secrets.token_bytes(NONCE_SIZE)
+        peer.deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        self._loop().register(peer.fd, selectors.EVENT_READ, peer)
+        self._handshakes.append(peer)
+        self._send(peer, CHALLENGE_PREFIX + peer.challenge)
+
+    def _expire_handshakes(self, now: float) -> None:
+        while self._handshakes and (self._handshakes[0].state != AUTHENTICATING
+                                    or self._handshakes[0].deadline <= now):
+            peer = self._handshakes.popleft()
+            if peer.state == AUTHENTICATING:
+                log.info('dropping %s: handshake not finished in time', peer.connection)
+                self._drop(peer)
+
+    def _on_authenticating(self, peer: Peer, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush(peer)
+        if mask & selectors.EVENT_READ and peer.state == AUTHENTICATING:
+            digest = self._receive(peer)
+            if digest is not None:
+                self._authenticate(peer, digest)
+                if peer.state == ESTABLISHED:
+                    self._serve_buffered(peer)
+
+    def _authenticate(self, peer: Peer, digest: bytes) -> None:
+        """Match the digest against every key; a wrong key still connects, unprivileged."""
+        primary = _digest_matches(self.authkey, peer.challenge, digest)
+        accounts = frozenset(name for name, key in self.alt_keys.items()
+                             if key and _digest_matches(key, peer.challenge, digest))
+        peer.primary = primary
+        peer.accounts = accounts
+        peer.authkey = self.authkey if primary else (
+            self.alt_keys[min(accounts)] if accounts else None)
+        peer.state = ESTABLISHED
+        peer.challenge = b''
+        self._send(peer, json.dumps({'authenticated': peer.authenticated}))
+        if peer.state == ESTABLISHED:
+            self._call_hook(self.new_connection, peer.connection, peer.authkey)
+
+    def add_connection(self, connection: Connection, authkey: str | None = None,
+                       watched: bool = False) -> None:
+        """Serve (or, if ``watched``, only watch) a connection made by the service itself.
+
+        ``authkey`` grants the rights that key would have earned in a handshake.
+        """
+        peer = Peer(connection, WATCHED if watched else ESTABLISHED)
+        peer.primary = authkey is not None and authkey == self.authkey
+        peer.accounts = frozenset(name for name, key in self.alt_keys.items()
+                                  if key and key == authkey)
+        peer.authkey = authkey
+        self._loop().register(peer.fd, selectors.EVENT_READ, peer)
+        self._flush(peer)
+
+    def remove_connection(self, connection: Connection) -> None:
+        """Stop serving a connection without closing it (the caller owns it now)."""
+        fd = connection.fileno()
+        if self._selector is not None and fd in self._selector.get_map():
+            self._forget(self._selector.get_map()[fd].data)
+
+    def stop_listening(self) -> None:
+        """Stop accepting new clients and close the listening socket."""
+        if self._selector is not None and self.listener.fileno() in self._selector.get_map():
+            self._selector.unregister(self.listener.fileno())
+        self.listener.close()
+
+    def _on_watched(self, peer: Peer, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush(peer)
+        if mask & selectors.EVENT_READ:
+            while self._receive(peer) is not None:
+                continue  # a watched peer's messages carry no requests
+
+    def _forget(self, peer: Peer) -> None:
+        """Unregister by the descriptor number kept at registration, even if closed."""
+        if peer.state is not None and self._selector is not None:
+            self._selector.unregister(peer.fd)
+        peer.state = None
+
+    def _drop(self, peer: Peer) -> None:
+        """Close a peer's connection and tell the subclass if it had been in service."""
+        was = peer.state
+        self._forget(peer)
+        peer.connection.close()
+        if was in (ESTABLISHED, WATCHED):
+            self._call_hook(self.lost_connection, peer.connection, peer.authkey)
+
+    def _receive(self, peer: Peer) -> bytes | None:
+        """One buffered or freshly read frame, or None; a broken peer is dropped."""
+        try:
+            return peer.connection.get()
+        except ConnectionClosed as error:
+            log.debug('%s gone: %s', peer.connection, error)
+        except OSError as error:
+            log.warning('%s failed: %s', peer.connection, error)
+        self._drop(peer)
+        return None
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _on_established(self, peer: Peer, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush(peer)
+        if mask & selectors.EVENT_READ and peer.state == ESTABLISHED:
+            payload = self._receive(peer)
+            if payload is not None:
+                self._serve(peer, payload)
+                self._serve_buffered(peer)
+
+    def _serve_buffered(self, peer: Peer) -> None:
+        """Answer requests that arrived in the same read as the previous one."""
+        while peer.state == ESTABLISHED and self.keep_going:
+            try:
+                payload = peer.connection.next_frame()
+            except ConnectionClosed:
+                self._drop(peer)
+                return
+            if payload is None:
+                return
+            self._serve(peer, payload)
+
+    def _serve(self, peer: Peer, payload: bytes) -> None:
+        """Decode, authorize, call and answer one request. Bad input is answered too."""
+        try:
+            request = json.loads(payload)
+        except ValueError as error:
+            self._reply_exception(peer, AveException(f'malformed request: {error}'))
+            return
+        is_async = isinstance(request, dict) and request.get('async') is True
+        try:
+            method, resource, vargs, kwargs = _parse_request(request)
+            function = self._find_rpc(peer, method, resource)
+            self.caller = peer
+            try:
+                result = function(*vargs, **kwargs)
+            finally:
+                self.caller = None
+        except Exception as error:
+            if is_async:
+                log.info('async call failed: %s', error)
+            else:
+                self._reply_exception(peer, error)
+            return
+        if not is_async:
+            self._reply(peer, result)
+
+    def _find_rpc(self, peer: Peer, method: str, resource: Any) -> Callable:
+        """The bound method a request names, if it is an RPC this peer may call."""
+        function = self.rpc_function(method, resource)
+        if getattr(function, 'ave_auth', False) and self.authkey and not peer.primary:
+            raise AuthError(f'{method}() requires the primary key')
+        accounts = getattr(function, 'ave_preauth', None)
+        if accounts is not None:
+            keyed = {name for name in accounts if self.alt_keys.get(name)}
+            if keyed and not keyed & peer.accounts:
+                raise AuthError(f'{method}() requires the key of '
+                                f'{" or ".join(sorted(keyed))}')
+        return function
+
+    def rpc_function(self, method: str, resource: Any) -> Callable:
+        """Resolve a request's method; subclasses that host resources extend this."""
+        if resource is not None:
+            raise AveException(f'{type(self).__name__} hosts no resources')
+        if method.startswith('_'):
+            raise AveException(f'no such RPC: {method}')
+        function = getattr(type(self), method, None)
+        if not getattr(function, 'ave_rpc', False):
+            raise AveException(f'no such RPC: {method}')
+        return getattr(self, method)
+
+    def _reply(self, peer: Peer, result: Any) -> None:
+        try:
+            payload = json.dumps({'result': result})
+        except (TypeError, ValueError) as error:
+            self._reply_exception(peer, AveException(f'result cannot be sent: {error}'))
+            return
+        self._send(peer, payload)
+
+    def _reply_exception(self, peer: Peer, error: BaseException) -> None:
+        self._send(peer, json.dumps({'exception': details_of(error)}, default=repr))
+
+    def _send(self, peer: Peer, payload: bytes | str) -> None:
+        """Queue a frame and push it out; what the kernel refuses waits for writability."""
+        if peer.state is None:
+            return
+        try:
+            peer.connection.queue(payload)
+        except framing.FrameTooLarge as error:
+            peer.connection.queue(json.dumps(
+                {'exception': details_of(AveException(str(error)))}))
+        self._flush(peer)
+
+    def _flush(self, peer: Peer) -> None:
+        try:
+            done = peer.connection.flush()
+        except (ConnectionClosed, OSError) as error:
+            log.debug('%s gone while writing: %s', peer.connection, error)
+            self._drop(peer)
+            return
+        if peer.writing == done:
+            peer.writing = not done
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.writing else 0)
+            self._loop().modify(peer.fd, events, peer)
+
+    # -- processes ---------------------------------------------------------------------
+
+    def join_later(self, process: Process) -> None:
+        """Reap ``process`` from the loop when it ends, then call ``joined_process``."""
+        try:
+            pidfd = os.pidfd_open(process.pid)
+        except ProcessLookupError:
+            self._finish_join(process)
+            return
+        self._loop().register(pidfd, selectors.EVENT_READ, _Joining(process, pidfd))
+
+    def _on_joining(self, item: _Joining, mask: int) -> None:
+        self._loop().unregister(item.pidfd)
+        os.close(item.pidfd)
+        item.state = None
+        self._finish_join(item.process)
+
+    def _finish_join(self, process: Process) -> None:
+        try:
+            code = process.join(0)
+        except (AveException, OSError) as error:
+            self.log(f'could not join process {process.pid}: {error}')
+            return
+        self._call_hook(self.joined_process, process.pid, code)
+
+    def _on_waking(self, item: _Waking, mask: int) -> None:
+        try:
+            item.receiver.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            pass  # nothing queued: the signal handler already set its flag
+
+    # -- shutting down -----------------------------------------------------------------
+
+    def shutdown(self, details: dict | str | None = None) -> None:
+        """Tell every client ``Exit``, close everything and leave the main loop."""
+        if not self.keep_going:
+            return
+        self.keep_going = False
+        exit_frame = json.dumps({'exception': details_of(
+            Exit(details or 'the service has shut down'))}, default=repr)
+        deadline = time.monotonic() + EXIT_FLUSH_TIMEOUT
+        for key in list(self._loop().get_map().values()):
+            self._close_item(key.data, exit_frame, deadline)
+        self.stop_listening()
+        self._selector.close()
+
+    def _close_item(self, item: Any, exit_frame: str, deadline: float) -> None:
+        if isinstance(item, Peer) and item.state in (AUTHENTICATING, ESTABLISHED, WATCHED):
+            if item.state == ESTABLISHED:
+                _last_words(item.connection, exit_frame, deadline)
+            self._drop(item)
+        elif isinstance(item, _Joining):
+            os.close(item.pidfd)
+        elif isinstance(item, _Waking):
+            signal.set_wakeup_fd(-1)
+            item.receiver.close()
+            item.sender.close()
+
+
+def _last_words(connection: Connection, frame: str, deadline: float) -> None:
+    """Best effort to deliver the Exit frame before closing, bounded by ``deadline``."""
+    try:
+        connection.queue(frame)
+        while not connection.flush():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            selectors.DefaultSelector().select(min(remaining, 0.05))
+    except (ConnectionClosed, OSError):
+        return
+
+
+def _digest_matches(key: str | None, challenge: bytes, digest: bytes) -> bool:
+    expected = hmac.new((key or '').encode('utf-8'), challenge, hashlib.sha256).digest()
+    return hmac.compare_digest(expected, digest)
+
+
+def _parse_request(request: Any) -> tuple[str, Any, list, dict]:
+    """Check a request's shape; every defect is named in the error the client gets."""
+    if not isinstance(request, dict):
+        raise AveException('malformed request: expected a JSON object')
+    method = request.get('method')
+    if not isinstance(method, str) or not method:
+        raise AveException('malformed request: "method" must be a non-empty string')
+    params = request.get('params', {})
+    if not isinstance(params, dict):
+        raise AveException('malformed request: "params" must be an object')
+    vargs = params.get('vargs', [])
+    kwargs = params.get('kwargs', {})
+    if not isinstance(vargs, list):
+        raise AveException('malformed request: "params.vargs" must be a list')
+    if not isinstance(kwargs, dict):
+        raise AveException('malformed request: "params.kwargs" must be an object')
+    resource = request.get('resource')
+    if resource is not None and not isinstance(resource, dict):
+        raise AveException('malformed request: "resource" must be an object or null')
+    if not isinstance(request.get('async', False), bool):
+        raise AveException('malformed request: "async" must be true or false')
+    return method, resource, vargs, kwargs
+
+
+# -- the client -------------------------------------------------------------------------
+
+class RemoteControl:
+    """A client of a Control: attribute calls become RPCs.
+
+    ``remote.method(*args, **kwargs)`` sends a request and returns the result or raises
+    the typed remote exception; ``__async__=True`` sends it one-way. The connection is
+    made on the first call and re-made after a failure. ``timeout`` bounds connecting,
+    the handshake, sending and waiting for each reply.
+    """
+
+    def __init__(self, address: tuple[str, int], authkey: str | None = None,
+                 timeout: float | None = None, optimist: bool = True,
+                 sock: socketlib.socket | None = None) -> None:
+        host, port = address
+        self._address = (host or '127.0.0.1', port)
+        self._authkey = authkey
+        self._timeout = timeout
+        self._optimist = optimist
+        self._connection: BlockingConnection | None = None
+        self._resource: dict | None = None
+        self._authenticated: bool | None = None
+        if sock is not None:
+            self._connection = BlockingConnection(self._address, sock)
+            self._handshake()
+
+    def __getattr__(self, name: str) -> Callable:
+        if name.startswith('_'):
+            raise AttributeError(name)
+        return _RemoteMethod(self, name)
+
+    def __enter__(self) -> 'RemoteControl':
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._disconnect()
+
+    def _connect(self) -> BlockingConnection:
+        if self._connection is None:
+            connection = BlockingConnection(self._address)
+            connection.connect(self._timeout, self._optimist)
+            self._connection = connection
+            try:
+                self._handshake()
+            except BaseException:
+                self._disconnect()
+                raise
+        return self._connection
+
+    def _handshake(self) -> None:
+        challenge = self._connection.get(self._timeout)
+        if (not challenge.startswith(CHALLENGE_PREFIX)
+                or len(challenge) != len(CHALLENGE_PREFIX) + NONCE_SIZE):
+            raise AuthError('the server did not send a valid challenge')
+        nonce = challenge[len(CHALLENGE_PREFIX):]
+        key = (self._authkey or '').encode('utf-8')
+        self._connection.put(hmac.new(key, nonce, hashlib.sha256).digest(), self._timeout)
+        answer = json.loads(self._connection.get(self._timeout))
+        self._authenticated = bool(answer.get('authenticated'))
+
+    def _disconnect(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def _call(self, method: str, vargs: tuple, kwargs: dict) -> Any:
+        is_async = bool(kwargs.pop('__async__', False))
+        payload = json.dumps({'method': method, 'resource': self._resource,
+                              'params': {'vargs': vargs, 'kwargs': kwargs},
+                              'async': is_async})
+        connection = self._connect()
+        try:
+            connection.put(payload, self._timeout)
+            if is_async:
+                return None
+            response = json.loads(connection.get(self._timeout))
+        except BaseException:
+            self._disconnect()  # a half-done exchange would answer the wrong call later
+            raise
+        if 'exception' in response:
+            raise exception_factory(response['exception'])
+        return response.get('result')
+
+
+class _RemoteMethod:
+    __slots__ = ('_remote', '_name')
+
+    def __init__(self, remote: RemoteControl, name: str) -> None:
+        self._remote = remote
+        self._name = name
+
+    def __call__(self, *vargs: Any, **kwargs: Any) -> Any:
+        return self._remote._call(self._name, vargs, kwargs)
