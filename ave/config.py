@@ -1,0 +1,433 @@
+"""Where AVE finds its configuration, how it is created, and how it is checked.
+
+``/etc/ave/user`` names the account that runs AVE and the home that holds
+``<home>/.ave/config/``: ``broker.json``, ``authkeys.json`` and ``workspace.json``.
+Lab owners edit these files by hand, so every loader checks every field and refuses
+what it does not understand with one line naming the file and the field::
+
+    /h/.ave/config/broker.json: field 'port': expected an integer from 1 to 65535, got "x"
+
+A typo such as ``"prot"`` is refused rather than ignored: a setting that silently
+has no effect costs a lab owner far more time than an error message does.
+
+Files are created atomically and never replace an existing file, so a reader never
+sees half a file and whatever the lab owner already wrote always wins.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import errno
+import json
+import os
+import pwd
+import secrets
+import shutil
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ave.exceptions import AveException
+
+ETC_PATH = '/etc/ave/user'
+
+#: Loopback by default: test jobs normally run on the lab host itself, and putting
+#: a broker on the network (to share equipment with a master) should be a choice
+#: the lab owner makes in broker.json, not something a fresh install does.
+DEFAULT_HOST = '127.0.0.1'
+DEFAULT_PORT = 4000
+
+_POLICIES = ('share', 'forward')
+_BROKER_KEYS = ('host', 'port', 'stacks', 'remote', 'equipment')
+_REMOTE_KEYS = ('host', 'port', 'policy', 'authkey')
+_WORKSPACE_KEYS = ('root', 'tools', 'pretty')
+_ETC_KEYS = ('name', 'home')
+
+# Errors from os.link() meaning "this file system has no hard links", not "failed".
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+
+
+class ConfigError(AveException):
+    """A configuration file is missing, unreadable, malformed or has a wrong field.
+
+    The message is one line starting with the file's path; ``path`` and ``field``
+    (None for problems with the file as a whole) are also attributes.
+    """
+
+    @classmethod
+    def at(cls, path: str, problem: str, field: str | None = None) -> ConfigError:
+        """Build the error for ``field`` of the file at ``path`` (or the whole file)."""
+        where = path if field is None else f"{path}: field '{field}'"
+        return cls({'message': f'{where}: {problem}', 'path': path, 'field': field})
+
+
+# --- paths and the home directory -------------------------------------------------
+
+def config_dir(home: str) -> str:
+    """The directory holding the JSON configuration files of ``home``."""
+    return os.path.join(home, '.ave', 'config')
+
+
+def resolve_home(home: str | None = None, etc_path: str = ETC_PATH) -> str:
+    """The AVE home a command line tool or broker client should use, as an absolute path.
+
+    An explicit ``home`` wins; otherwise the home named in ``etc_path``, when that
+    file exists (a broken one is an error, not a reason to look elsewhere); otherwise
+    the home of the account we run as, from the password database rather than
+    ``$HOME`` so that ``su`` without ``-`` does not send us to someone else's files.
+    ``$HOME`` is the last resort for an account without a password entry.
+    """
+    if home is not None:
+        return os.path.abspath(home)
+    if os.path.exists(etc_path):
+        return load_etc(etc_path)['home']
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_dir
+    except KeyError:
+        return os.path.abspath(os.environ['HOME'])
+
+
+# --- creating files ---------------------------------------------------------------
+
+def create_default(home: str) -> tuple[list[str], list[str]]:
+    """Create the default configuration under ``home``; return ``(created, skipped)``.
+
+    ``home`` and ``<home>/.ave/config`` are created if missing. A file that already
+    exists is skipped untouched, whatever it holds. Run this as the account that
+    will run AVE: the files belong to whoever creates them, and ``authkeys.json`` is
+    readable by its owner only.
+    """
+    home = os.path.abspath(home)
+    directory = config_dir(home)
+    os.makedirs(directory, exist_ok=True)
+    created: list[str] = []
+    skipped: list[str] = []
+    for name, content, mode in _default_files(home):
+        path = os.path.join(directory, name)
+        if os.path.lexists(path) or not _write_new(path, content, mode):
+            skipped.append(path)
+        else:
+            created.append(path)
+    return created, skipped
+
+
+def _default_files(home: str) -> list[tuple[str, dict, int]]:
+    """Name, content and mode of each default file. Keys are drawn here, fresh."""
+    git = shutil.which('git')
+    return [
+        ('broker.json', {'host': DEFAULT_HOST, 'port': DEFAULT_PORT}, 0o644),
+        ('authkeys.json', {'admin': secrets.token_urlsafe(32),
+                           'share': secrets.token_urlsafe(32)}, 0o600),
+        ('workspace.json', {'root': os.path.join(home, '.ave', 'workspaces'),
+                            'tools': {'git': git} if git else {},
+                            'pretty': None}, 0o644),
+    ]
+
+
+def create_etc(path: str = ETC_PATH, user: str | None = None) -> tuple[list[str], list[str]]:
+    """Write ``{"name": ..., "home": ...}`` for an account to ``path``.
+
+    Returns ``([path], [])`` when the file was written and ``([], [path])`` when a
+    file was already there: an existing file always wins and is not an error, so a
+    package's install script can call this on every upgrade. The account is
+    ``user`` when given (stdin is then never read), otherwise the name read from
+    stdin up to EOF. Raises ConfigError when the name is empty or no such account
+    exists. The parent directory is created if missing.
+    """
+    if os.path.lexists(path):
+        return [], [path]
+    name = user if user is not None else sys.stdin.read().strip()
+    entry = _account(path, name)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if _write_new(path, {'name': entry.pw_name, 'home': entry.pw_dir}, 0o644):
+        return [path], []
+    return [], [path]
+
+
+def _account(path: str, name: str) -> pwd.struct_passwd:
+    """The password entry of ``name``, or the ConfigError that ``create_etc`` reports."""
+    if not name or len(name.split()) != 1:
+        raise ConfigError.at(path, f'expected one account name, got {name!r}')
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError.at(path, f'no such account: {name!r}') from None
+
+
+def _write_new(path: str, content: dict, mode: int) -> bool:
+    """Publish ``content`` as JSON at ``path`` unless a file is there; True if written.
+
+    The JSON goes to a temporary file beside ``path`` first and is then published
+    in one step, so nobody ever reads a partly written file. ``mode`` is set
+    exactly (not filtered by the umask) because other accounts must be able to read
+    broker.json and /etc/ave/user, and nobody else may read authkeys.json.
+    """
+    directory, name = os.path.split(path)
+    temp = os.path.join(directory, f'.{name}.{secrets.token_hex(6)}.tmp')
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        with open(fd, 'w', encoding='utf-8') as stream:
+            os.fchmod(fd, mode)
+            json.dump(content, stream, indent=4)
+            stream.write('\n')
+            stream.flush()
+            os.fsync(fd)
+        return _publish(temp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
+def _publish(temp: str, path: str) -> bool:
+    """Give the finished ``temp`` the name ``path`` unless taken; True if published.
+
+    A hard link is atomic *and* refuses to replace an existing file, so a file that
+    appears while we write still wins. File systems without hard links get
+    ``os.replace`` after a last look, which leaves only a tiny window.
+    """
+    try:
+        os.link(temp, path)
+    except FileExistsError:
+        return False
+    except OSError as err:
+        if err.errno not in _NO_HARD_LINKS:
+            raise
+        if os.path.lexists(path):
+            return False
+        os.replace(temp, path)
+    return True
+
+
+# --- loading files ----------------------------------------------------------------
+
+def load_etc(path: str = ETC_PATH) -> dict[str, str]:
+    """The checked content of ``/etc/ave/user``: ``{'name': str, 'home': absolute path}``."""
+    check = _Checker(path)
+    data = check.json_object(None, _read_json(path), _ETC_KEYS)
+    return {'name': check.string('name', check.required(data, 'name')),
+            'home': check.absolute_path('home', check.required(data, 'home'))}
+
+
+def load_authkeys(home: str) -> dict[str, str | None]:
+    """The account keys from ``<home>/.ave/config/authkeys.json``: name -> key or None.
+
+    The dict is what ``Control`` takes as its alternative keys. Error messages
+    never repeat a key, only its JSON type.
+    """
+    path = os.path.join(config_dir(home), 'authkeys.json')
+    check = _Checker(path)
+    data = check.json_object(None, _read_json(path))
+    return {name: check.string_or_null(name, key, secret=True) for name, key in data.items()}
+
+
+def load_broker_config(home: str,
+                       check_equipment: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """The checked content of ``<home>/.ave/config/broker.json`` with defaults filled in.
+
+    Returns ``{'host': str, 'port': int, 'stacks': [[profile dict, ...], ...],
+    'remote': None or {'host', 'port', 'policy', 'authkey'}, 'equipment': [dict, ...]}``.
+
+    Here an equipment entry or stack member is only checked to be an object with a
+    string ``type``; what else it needs depends on its type, which only the equipment
+    plug-ins know. They hook in through ``check_equipment``: it is called with each
+    equipment entry and raises ValueError describing what is wrong, which is
+    reported as a ConfigError on ``equipment[i]``.
+    """
+    path = os.path.join(config_dir(home), 'broker.json')
+    check = _Checker(path)
+    data = check.json_object(None, _read_json(path), _BROKER_KEYS)
+    config = {
+        'host': check.string('host', data.get('host', DEFAULT_HOST)),
+        'port': check.port('port', data.get('port', DEFAULT_PORT)),
+        'stacks': _stacks(check, data.get('stacks', [])),
+        'remote': _remote(check, data['remote']) if 'remote' in data else None,
+        'equipment': _equipment(check, data.get('equipment', [])),
+    }
+    for index, entry in enumerate(config['equipment']):
+        _check_entry(check, f'equipment[{index}]', entry, check_equipment)
+    return config
+
+
+def _stacks(check: _Checker, value: Any) -> list[list[dict]]:
+    """Each stack is a list of profile objects, each naming its type."""
+    return [[check.typed(f'stacks[{i}][{j}]', member)
+             for j, member in enumerate(check.json_list(f'stacks[{i}]', stack))]
+            for i, stack in enumerate(check.json_list('stacks', value))]
+
+
+def _remote(check: _Checker, value: Any) -> dict[str, Any]:
+    """The broker this one shares with or forwards to; host and policy are required."""
+    data = check.json_object('remote', value, _REMOTE_KEYS)
+    policy = check.required(data, 'policy', 'remote')
+    if policy not in _POLICIES:
+        raise check.error('remote.policy', f'expected "share" or "forward", got {_shown(policy)}')
+    return {'host': check.string('remote.host', check.required(data, 'host', 'remote')),
+            'port': check.port('remote.port', data.get('port', DEFAULT_PORT)),
+            'policy': policy,
+            'authkey': check.string_or_null('remote.authkey', data.get('authkey'), secret=True)}
+
+
+def _equipment(check: _Checker, value: Any) -> list[dict]:
+    """Statically declared equipment: objects that name their type."""
+    return [check.typed(f'equipment[{i}]', entry)
+            for i, entry in enumerate(check.json_list('equipment', value))]
+
+
+def _check_entry(check: _Checker, field: str, entry: dict,
+                 check_equipment: Callable[[dict], None] | None) -> None:
+    """Let the equipment plug-in judge ``entry``; its ValueError names our field."""
+    if check_equipment is None:
+        return
+    try:
+        check_equipment(entry)
+    except ValueError as err:
+        raise check.error(field, str(err)) from None
+
+
+def load_workspace_config(home: str) -> dict[str, Any]:
+    """The checked content of ``<home>/.ave/config/workspace.json`` with defaults filled in.
+
+    Returns ``{'root': absolute path, 'tools': {name: path}, 'pretty': str or None}``.
+    ``root`` may start with ``~``; it defaults to ``<home>/.ave/workspaces``.
+    """
+    path = os.path.join(config_dir(home), 'workspace.json')
+    check = _Checker(path)
+    data = check.json_object(None, _read_json(path), _WORKSPACE_KEYS)
+    root = data.get('root', os.path.join(os.path.abspath(home), '.ave', 'workspaces'))
+    tools = check.json_object('tools', data.get('tools', {}))
+    return {'root': check.absolute_path('root', root),
+            'tools': {name: check.string(f'tools.{name}', tool) for name, tool in tools.items()},
+            'pretty': check.string_or_null('pretty', data.get('pretty'))}
+
+
+# --- reading and checking JSON ----------------------------------------------------
+
+class _DuplicateKey(ValueError):
+    """Raised while parsing: the same key twice in one object, the later one would win."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Build one JSON object, refusing a repeated key instead of keeping the last."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _read_json(path: str) -> Any:
+    """Parse the file at ``path``; every way of failing becomes a one-line ConfigError."""
+    try:
+        with open(path, encoding='utf-8') as stream:
+            return json.load(stream, object_pairs_hook=_unique_keys)
+    except FileNotFoundError:
+        raise ConfigError.at(path, 'no such file') from None
+    except OSError as err:
+        raise ConfigError.at(path, f'cannot read: {err.strerror}') from None
+    except UnicodeDecodeError:
+        raise ConfigError.at(path, 'not UTF-8 text') from None
+    except json.JSONDecodeError as err:
+        raise ConfigError.at(
+            path, f'malformed JSON at line {err.lineno} column {err.colno}: {err.msg}') from None
+    except _DuplicateKey as err:
+        raise ConfigError.at(path, f'key {str(err)!r} appears twice in one object') from None
+
+
+def _kind(value: Any) -> str:
+    """The JSON name of ``value``'s type, with an article, for messages."""
+    if value is None:
+        return 'null'
+    if isinstance(value, bool):
+        return 'a boolean'
+    if isinstance(value, (int, float)):
+        return 'a number'
+    if isinstance(value, str):
+        return 'a string'
+    return 'a list' if isinstance(value, list) else 'an object'
+
+
+def _shown(value: Any) -> str:
+    """How a wrong value appears in a message: scalars as JSON, containers by kind."""
+    if isinstance(value, (list, dict)):
+        return _kind(value)
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + '...'
+
+
+class _Checker:
+    """Field checks for one file; each returns the value or raises a ConfigError.
+
+    ``field`` is the dotted/indexed name shown to the lab owner (``remote.port``,
+    ``stacks[0][1].type``); None means the top level of the file.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def error(self, field: str | None, problem: str) -> ConfigError:
+        return ConfigError.at(self.path, problem, field)
+
+    def json_object(self, field: str | None, value: Any,
+               known: Iterable[str] | None = None) -> dict[str, Any]:
+        """A JSON object; with ``known``, a key outside it is refused by name."""
+        if not isinstance(value, dict):
+            raise self.error(field, f'expected an object, got {_shown(value)}')
+        if known is not None:
+            for key in value:
+                if key not in known:
+                    raise self.error(_join(field, key), _unknown(key, known))
+        return value
+
+    def required(self, data: dict, key: str, parent: str | None = None) -> Any:
+        if key not in data:
+            raise self.error(_join(parent, key), 'required but missing')
+        return data[key]
+
+    def json_list(self, field: str, value: Any) -> list:
+        if not isinstance(value, list):
+            raise self.error(field, f'expected a list, got {_shown(value)}')
+        return value
+
+    def string(self, field: str, value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.error(field, f'expected a non-empty string, got {_shown(value)}')
+        return value
+
+    def string_or_null(self, field: str, value: Any, secret: bool = False) -> str | None:
+        """A string or null; a ``secret`` field's wrong value is described, never shown."""
+        if value is not None and not isinstance(value, str):
+            got = _kind(value) if secret else _shown(value)
+            raise self.error(field, f'expected a string or null, got {got}')
+        return value
+
+    def port(self, field: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            raise self.error(field, f'expected an integer from 1 to 65535, got {_shown(value)}')
+        return value
+
+    def absolute_path(self, field: str, value: Any) -> str:
+        """A string that is an absolute path once ``~`` is expanded."""
+        path = os.path.expanduser(self.string(field, value))
+        if not os.path.isabs(path):
+            raise self.error(field, f'expected an absolute path, got {_shown(value)}')
+        return path
+
+    def typed(self, field: str, value: Any) -> dict[str, Any]:
+        """An object with a non-empty string ``type``: a profile or equipment entry."""
+        data = self.json_object(field, value)
+        self.string(f'{field}.type', self.required(data, 'type', field))
+        return data
+
+
+def _join(parent: str | None, key: str) -> str:
+    return key if parent is None else f'{parent}.{key}'
+
+
+def _unknown(key: str, known: Iterable[str]) -> str:
+    """The complaint about an unknown key, with a suggestion when one is close."""
+    known = list(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return f"unknown key (did you mean '{close[0]}'?)"
+    return 'unknown key (expected one of: ' + ', '.join(known) + ')'
