@@ -88,7 +88,7 @@ class Process:
                 os.waitpid(pid, 0)
         if 'error' in report:
             if not daemonize:
-                os.waitpid(pid, 0)
+                self.exit_code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
             raise StartError({'message': report['error'], 'trace': report.get('trace', [])})
         self.pid = report['pid'] if daemonize else pid
         return self.pid
@@ -143,6 +143,7 @@ class Process:
                 os.setsid()
                 if os.fork() != 0:
                     os._exit(0)
+                os.setsid()  # the daemon leads a session of its own, away from any tty
             self.pid = os.getpid()
             if daemonize and not synchronize:
                 _send_report(report_fd, {'pid': self.pid})
@@ -203,7 +204,8 @@ class Process:
         self.logger.propagate = False
         self.logger.handlers.clear()
         if self.logging:
-            handler = logginglib.StreamHandler(sys.stderr)
+            # Descriptor 2 itself, so that whatever redirect() put there gets the log.
+            handler = logginglib.StreamHandler(open(2, 'w', buffering=1, closefd=False))
             handler.setFormatter(logginglib.Formatter(
                 f'%(asctime)s {self.proc_name or "ave"}[{os.getpid()}] %(message)s'))
             self.logger.addHandler(handler)
@@ -239,9 +241,10 @@ class Process:
         os.makedirs(directory, exist_ok=True)
         name = f'{time.strftime("%Y%m%d-%H%M%S")}-{self.proc_name or "ave"}-{os.getpid()}'
         path = os.path.join(directory, name)
-        with open(path, 'w') as hickup:
+        with open(path + '.tmp', 'w') as hickup:
             hickup.write(f'{self.proc_name or "ave"} pid {os.getpid()} at {time.ctime()}\n')
             hickup.write(''.join(traceback.format_stack(frame)))
+        os.replace(path + '.tmp', path)  # readers never see a half-written file
         return path
 
 
