@@ -19,5 +19,10 @@ setup(
         'console_scripts': [
             'ave-config = ave.config_cli:main',
         ],
+        # The built-in equipment registers exactly as a lab's own plug-in would.
+        'ave.equipment': [
+            'workspace = ave.equipment.workspace:WORKSPACE',
+            'relay = ave.equipment.relay:RELAY',
+        ],
     },
 )

@@ -1,0 +1,91 @@
+"""Equipment types: what the broker can hand out, found through a plug-in registry.
+
+Each type lives in its own module and is published under the ``ave.equipment`` entry
+point group, so a lab's own package adds a type exactly the way the built-in ones are
+added. A type names its profile class (with the identity key), the resource class a
+session instantiates for a client, and how its items come to exist: declared in
+broker.json, created on demand (workspaces), or reported by a lister.
+"""
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Any
+
+from ave.profile import Profile
+
+ENTRY_POINT_GROUP = 'ave.equipment'
+
+
+class Resource:
+    """One allocated item as its session hosts it.
+
+    Every public method is callable by the client that holds the item, so helpers
+    that must not be called remotely start with an underscore.
+    """
+
+    def __init__(self, profile: Profile, settings: dict) -> None:
+        self._profile = profile
+        self._settings = settings
+
+    def get_profile(self) -> dict:
+        """The item's profile as the broker knows it."""
+        return dict(self._profile)
+
+    def _setup(self) -> None:
+        """Prepare the item for its new holder; runs in the session, off the broker loop.
+
+        The default has nothing to prepare.
+        """
+
+    def _teardown(self) -> None:
+        """Return the item to a state fit for the next holder (run in the session).
+
+        The default has nothing to undo.
+        """
+
+
+class EquipmentType:
+    """How one kind of equipment is described, created and driven.
+
+    Subclass it in the type's module and publish an instance as an entry point.
+    """
+
+    name = ''
+    profile_class: type[Profile] = Profile
+    resource_class: type[Resource] = Resource
+    on_demand = False
+
+    def load_settings(self, home: str) -> dict:
+        """Type-wide settings the broker reads at start (workspace.json, say)."""
+        return {}
+
+    def validate_entry(self, entry: dict) -> None:
+        """Raise ValueError naming the field if a broker.json entry of this type is wrong."""
+        identity = self.profile_class.identity
+        if identity and not isinstance(entry.get(identity), str):
+            raise ValueError(f'{identity!r} must be a string')
+
+    def profile_of(self, entry: dict) -> Profile:
+        """The profile of an item declared in broker.json (entry already validated)."""
+        return self.profile_class({'type': self.name, **{
+            key: value for key, value in entry.items() if _is_scalar(value)}})
+
+    def create(self, settings: dict) -> Profile:
+        """A brand-new item of an on-demand type (each request gets its own)."""
+        raise NotImplementedError(f'{self.name} equipment is not created on demand')
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def load_types() -> dict[str, EquipmentType]:
+    """Every installed equipment type by name; a broken plug-in fails loudly here."""
+    types: dict[str, EquipmentType] = {}
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        equipment_type = point.load()
+        if not isinstance(equipment_type, EquipmentType):
+            raise TypeError(f'entry point {point.name} ({point.value}) is not an '
+                            'EquipmentType instance')
+        types[equipment_type.name] = equipment_type
+    return types
