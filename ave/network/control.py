@@ -18,7 +18,9 @@ and answered through ``_reply``.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
+import itertools
 import json
 import logging as logginglib
 import os
@@ -146,6 +148,8 @@ class Control(Process):
         self.port = self.listener.address[1]
         self._selector: selectors.BaseSelector | None = None
         self._handshakes: deque[Peer] = deque()
+        self._timers: list[tuple[float, int, Callable]] = []
+        self._timer_order = itertools.count()
         self._last_activity = time.monotonic()
         self._waking: _Waking | None = None
         self._terminating = False
@@ -229,6 +233,7 @@ class Control(Process):
         if events:
             self._last_activity = now
         self._expire_handshakes(now)
+        self._run_due_timers(now)
         if self._terminating and self.keep_going:
             self.shutdown()
         elif self.interval is not None and now - self._last_activity >= self.interval:
@@ -248,16 +253,28 @@ class Control(Process):
         now = time.monotonic()
         if self._handshakes:
             limits.append(self._handshakes[0].deadline - now)
+        if self._timers:
+            limits.append(self._timers[0][0] - now)
         if self.interval is not None:
             limits.append(self._last_activity + self.interval - now)
         return max(0.0, min(limits)) if limits else None
+
+    def call_later(self, delay: float, function: Callable[[], Any]) -> None:
+        """Run ``function`` from the loop after ``delay`` seconds (never earlier)."""
+        deadline = time.monotonic() + delay
+        heapq.heappush(self._timers, (deadline, next(self._timer_order), function))
+
+    def _run_due_timers(self, now: float) -> None:
+        while self._timers and self._timers[0][0] <= now and self.keep_going:
+            _, _, function = heapq.heappop(self._timers)
+            self._call_hook(function)
 
     def _call_hook(self, hook: Callable, *args: Any) -> None:
         """Run a subclass hook; its failure is logged and never stops the service."""
         try:
             hook(*args)
         except Exception:
-            log.exception('%s failed', hook.__name__)
+            log.exception('%s failed', getattr(hook, '__name__', hook))
 
     # -- connections -------------------------------------------------------------------
 
@@ -382,6 +399,22 @@ class Control(Process):
                 self._serve(peer, payload)
                 self._serve_buffered(peer)
 
+    def serve_pending(self, connection: Connection) -> None:
+        """Serve, right now, every request already waiting on ``connection``.
+
+        For a service that must see one peer's earlier messages before answering
+        another (a session applying its broker's updates before a client's call).
+        """
+        key = self._loop().get_map().get(connection.fileno())
+        if key is None or key.data.state != ESTABLISHED:
+            return
+        peer = key.data
+        while peer.state == ESTABLISHED and self.keep_going:
+            payload = self._receive(peer)
+            if payload is None:
+                return
+            self._serve(peer, payload)
+
     def _serve_buffered(self, peer: Peer) -> None:
         """Answer requests that arrived in the same read as the previous one."""
         while peer.state == ESTABLISHED and self.keep_going:
@@ -442,6 +475,19 @@ class Control(Process):
         if not getattr(function, 'ave_rpc', False):
             raise AveException(f'no such RPC: {method}')
         return getattr(self, method)
+
+    def notify(self, connection: Connection, method: str, *vargs: Any,
+               **kwargs: Any) -> None:
+        """Send a one-way request to the peer of a connection this service serves.
+
+        The peer must itself be a Control; it never answers, so the loop never waits.
+        """
+        key = self._loop().get_map().get(connection.fileno())
+        if key is None or not isinstance(key.data, Peer):
+            raise ConnectionClosed(f'{connection} is not served by this service')
+        self._send(key.data, json.dumps({
+            'method': method, 'resource': None, 'async': True,
+            'params': {'vargs': list(vargs), 'kwargs': kwargs}}))
 
     def _reply(self, peer: Peer, result: Any) -> None:
         try:
@@ -596,6 +642,7 @@ class RemoteControl:
         self._address = (host or '127.0.0.1', port)
         self._authkey = authkey
         self._timeout = timeout
+        self._reply_timeout = timeout
         self._optimist = optimist
         self._connection: BlockingConnection | None = None
         self._resource: dict | None = None
@@ -653,7 +700,7 @@ class RemoteControl:
             connection.put(payload, self._timeout)
             if is_async:
                 return None
-            response = json.loads(connection.get(self._timeout))
+            response = json.loads(connection.get(self._reply_timeout))
         except BaseException:
             self._disconnect()  # a half-done exchange would answer the wrong call later
             raise
