@@ -435,20 +435,18 @@ class Control(Process):
             self._reply_exception(peer, AveException(f'malformed request: {error}'))
             return
         is_async = isinstance(request, dict) and request.get('async') is True
+        self.caller = peer
         try:
             method, resource, vargs, kwargs = _parse_request(request)
-            function = self._find_rpc(peer, method, resource)
-            self.caller = peer
-            try:
-                result = function(*vargs, **kwargs)
-            finally:
-                self.caller = None
+            result = self._find_rpc(peer, method, resource)(*vargs, **kwargs)
         except Exception as error:
             if is_async:
                 log.info('async call failed: %s', error)
             else:
                 self._reply_exception(peer, error)
             return
+        finally:
+            self.caller = None
         if not is_async:
             self._reply(peer, result)
 

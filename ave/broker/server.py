@@ -1,0 +1,276 @@
+"""The broker: a Control that allocates equipment and runs one session per client.
+
+Nothing here waits. A session is forked without synchronization (its listening socket
+is bound before the fork, so the client can connect at once); resources are added and
+removed with one-way calls over a socket pair; the broker learns that a session ended
+from its pidfd. Equipment of an ended session becomes available again as soon as the
+session has torn it down and exited.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import secrets
+import signal
+import socket as socketlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from ave.broker.allocator import Allocator, Key
+from ave.broker.exceptions import Busy, NoSuch
+from ave.broker.session import Session
+from ave.equipment import EquipmentType
+from ave.exceptions import AuthError, AveException
+from ave.network.connection import Connection, find_free_port
+from ave.network.control import Control
+from ave.profile import Profile
+
+log = logging.getLogger(__name__)
+
+SESSION_KILL_GRACE = 30.0
+MAX_PROFILES_PER_GET = 64
+
+
+@dataclass(eq=False)
+class SessionRecord:
+    """What the broker knows about one running session."""
+
+    process: Session
+    port: int
+    authkey: str
+    link: Connection
+    keys: set[Key] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class Client:
+    """A connected client and the session holding its equipment, if any."""
+
+    holder: int
+    session: SessionRecord | None = None
+
+
+class BrokerServer(Control):
+    """Allocates equipment by profile; see DESIGN.md, section Broker."""
+
+    def __init__(self, home: str, config: dict, authkeys: dict,
+                 types: dict[str, EquipmentType], type_settings: dict[str, dict],
+                 socket: socketlib.socket | None = None, logging: bool = False) -> None:
+        super().__init__(config['port'], socket=socket, alt_keys=authkeys, home=home,
+                         proc_name='ave-broker', logging=logging, host=config['host'])
+        self.config = config
+        self.types = types
+        self.allocator = Allocator(types, config['stacks'], type_settings)
+        for entry in config['equipment']:
+            self.allocator.add(types[entry['type']].profile_of(entry), entry)
+        self.clients: dict[Connection, Client] = {}
+        self.sessions: dict[int, SessionRecord] = {}
+        self.links: dict[Connection, SessionRecord] = {}
+        self._holders = itertools.count(1)
+
+    # -- client RPCs -------------------------------------------------------------------
+
+    @Control.rpc
+    def get(self, *profiles: Any) -> dict:
+        """Allocate every requested profile (tuples: one stack) or nothing at all.
+
+        On failure the client's session is closed and everything it held is freed, so
+        no client can sit on half a set while it retries.
+        """
+        client = self._client()
+        request = _parse_request(profiles)
+        try:
+            items = self.allocator.allocate(client.holder, request)
+        except (Busy, NoSuch):
+            self._close_session(client)
+            raise
+        session = client.session or self._start_session(client)
+        for item in items:
+            key = self.allocator.key_of(item.profile)
+            session.keys.add(key)
+            self.notify(session.link, 'add_resource', dict(item.profile), item.settings)
+        return {'session': [None, session.port], 'authkey': session.authkey,
+                'resources': [dict(item.profile) for item in items]}
+
+    @Control.rpc
+    def yield_resources(self, *profiles: Any) -> None:
+        """Give items back early; they go to others once their session reset them."""
+        client = self._client()
+        keys = [self.allocator.check_holder(client.holder, _profile(p)) for p in profiles]
+        if client.session is None:
+            return  # the session ended: its equipment is being reclaimed already
+        for key in keys:
+            profile = dict(self.allocator.items[key].profile)
+            self.allocator.begin_release(key)
+            self.notify(client.session.link, 'remove_resource', profile)
+
+    @Control.rpc
+    def list_allocations(self) -> list[dict]:
+        """What the calling client holds."""
+        client = self.clients.get(self.caller.connection)
+        return [] if client is None else self.allocator.allocations(client.holder)
+
+    # -- administration ----------------------------------------------------------------
+
+    @Control.rpc
+    @Control.preauth('admin')
+    def list_equipment(self) -> list[dict]:
+        return self.allocator.equipment()
+
+    @Control.rpc
+    @Control.preauth('admin')
+    def list_available(self) -> list[dict]:
+        return self.allocator.available()
+
+    @Control.rpc
+    @Control.preauth('admin')
+    def list_allocations_all(self) -> list[dict]:
+        return self.allocator.allocations()
+
+    @Control.rpc
+    @Control.preauth('admin')
+    def list_stacks(self) -> list[list[dict]]:
+        return self.allocator.stacks
+
+    @Control.rpc
+    @Control.preauth('admin')
+    def close_session(self, profile: dict) -> None:
+        """End the session of whoever holds ``profile`` (its equipment is reclaimed)."""
+        key = self.allocator.key_of(_profile(profile))
+        for client in self.clients.values():
+            if client.session is not None and key in client.session.keys:
+                self._close_session(client)
+                return
+        raise AveException(f'no session holds {key[0]} {key[1]}')
+
+    @Control.rpc
+    @Control.preauth('admin')
+    def stop(self) -> None:
+        """Shut the broker down; sessions end themselves when their link closes."""
+        self.shutdown('the broker was stopped')
+
+    # -- equipment reports -------------------------------------------------------------
+
+    @Control.rpc
+    @Control.preauth('share')
+    def add_equipment(self, profile: dict) -> None:
+        """A lister reports equipment that appeared or changed."""
+        self.allocator.add(_profile(profile))
+
+    @Control.rpc
+    @Control.preauth('share')
+    def remove_equipment(self, profile: dict) -> None:
+        """A lister reports equipment that disappeared (kept while held)."""
+        self.allocator.remove(self.allocator.key_of(_profile(profile)))
+
+    # -- session reports ---------------------------------------------------------------
+
+    @Control.rpc
+    def released(self, profile: dict) -> None:
+        """A session finished tearing an item down (one-way, sessions only)."""
+        record = self.links.get(self.caller.connection)
+        if record is None:
+            raise AuthError('only sessions report released equipment')
+        key = self.allocator.key_of(profile)
+        record.keys.discard(key)
+        self.allocator.finish_release(key)
+
+    # -- clients and sessions ----------------------------------------------------------
+
+    def _client(self) -> Client:
+        connection = self.caller.connection
+        if connection in self.links:
+            raise AuthError('sessions do not allocate equipment')
+        client = self.clients.get(connection)
+        if client is None:
+            client = self.clients[connection] = Client(next(self._holders))
+        return client
+
+    def _start_session(self, client: Client) -> SessionRecord:
+        """Fork the client's session without waiting for it to initialize."""
+        listener, port = find_free_port(host=self.config['host'])
+        broker_end, session_end = socketlib.socketpair()
+        authkey = secrets.token_urlsafe(32)
+        process = Session(listener, authkey, session_end, self.types, self.home,
+                          logging=self.logging)
+        try:
+            process.start()
+        finally:
+            session_end.close()
+        link = Connection(('session', process.pid), broker_end)
+        record = SessionRecord(process, port, authkey, link)
+        self.add_connection(link)
+        self.links[link] = record
+        self.sessions[process.pid] = record
+        self.join_later(process)
+        client.session = record
+        return record
+
+    def _close_session(self, client: Client) -> None:
+        """Free the client's equipment: its session tears it down and exits."""
+        for key in self.allocator.held_by(client.holder):
+            self.allocator.begin_release(key)
+        record, client.session = client.session, None
+        if record is not None:
+            record.process.terminate()
+            self.call_later(SESSION_KILL_GRACE, lambda: self._kill_if_running(record))
+
+    def _kill_if_running(self, record: SessionRecord) -> None:
+        """A session stuck in teardown is killed, but only while it is unreaped (its pid
+        cannot have been reused by another process yet)."""
+        if self.sessions.get(record.process.pid) is record:
+            log.warning('session %d did not end in time: killing it', record.process.pid)
+            os.kill(record.process.pid, signal.SIGKILL)
+
+    def lost_connection(self, connection: Connection, authkey: str | None) -> None:
+        client = self.clients.pop(connection, None)
+        if client is not None:
+            self._close_session(client)
+        record = self.links.pop(connection, None)
+        if record is not None:
+            for client in self.clients.values():
+                if client.session is record:
+                    client.session = None
+
+    def joined_process(self, pid: int, exit: int | None) -> None:
+        record = self.sessions.pop(pid, None)
+        if record is None:
+            return
+        if exit != 0:
+            log.warning('session %d ended with status %s', pid, exit)
+        for key in record.keys:
+            self.allocator.finish_release(key)
+        for client in self.clients.values():
+            if client.session is record:
+                client.session = None
+        if not record.link.closed:
+            self.remove_connection(record.link)
+            record.link.close()
+        self.links.pop(record.link, None)
+
+
+def _parse_request(profiles: tuple) -> list[dict | list[dict]]:
+    """Check a get() request: profiles (dicts) and stack groups (lists of dicts)."""
+    if not profiles:
+        raise AveException('get() needs at least one profile')
+    request: list[dict | list[dict]] = []
+    count = 0
+    for entry in profiles:
+        if isinstance(entry, list):
+            if not entry:
+                raise AveException('an empty group cannot be allocated')
+            request.append([_profile(member) for member in entry])
+            count += len(entry)
+        else:
+            request.append(_profile(entry))
+            count += 1
+    if count > MAX_PROFILES_PER_GET:
+        raise AveException(f'at most {MAX_PROFILES_PER_GET} profiles per get()')
+    return request
+
+
+def _profile(value: Any) -> dict:
+    Profile.validate(value)
+    return dict(value)
+
