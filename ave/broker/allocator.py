@@ -118,10 +118,10 @@ class Allocator:
         return allocated
 
     def _search(self, search: _Search, groups: list[list[dict]]) -> _Search | None:
-        """Run one search; on-demand items it made but did not choose are discarded."""
+        """Run one search; on-demand items it made are kept only if a real one chose them."""
         found = self._assign(search, groups, 0)
         for key in search.created:
-            if not found or key not in search.chosen:
+            if not found or search.ignore_holds or key not in search.chosen:
                 del self.items[key]
         return search if found else None
 

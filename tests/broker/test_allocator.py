@@ -1,0 +1,232 @@
+"""Allocation rules, exercised on the allocator alone (no sockets, no processes)."""
+import pytest
+
+from ave.broker.allocator import Allocator
+from ave.broker.exceptions import Busy, NoSuch, NotAllocated, NotOwner
+from ave.equipment import EquipmentType
+from ave.profile import Profile
+
+
+class UidProfile(Profile):
+    identity = 'uid'
+
+
+class SerialProfile(Profile):
+    identity = 'serial'
+
+
+class RelayLike(EquipmentType):
+    name = 'relay'
+    profile_class = UidProfile
+
+
+class HandsetLike(EquipmentType):
+    name = 'handset'
+    profile_class = SerialProfile
+
+
+class OnDemand(EquipmentType):
+    name = 'workspace'
+    profile_class = UidProfile
+    on_demand = True
+
+    def __init__(self):
+        self.count = 0
+
+    def create(self, settings):
+        self.count += 1
+        return UidProfile({'type': 'workspace', 'uid': f'w{self.count}',
+                           'root': settings.get('root')})
+
+
+def relay(uid, **extra):
+    return {'type': 'relay', 'uid': uid, **extra}
+
+
+def handset(serial, **extra):
+    return {'type': 'handset', 'serial': serial, **extra}
+
+
+@pytest.fixture
+def types():
+    return {'relay': RelayLike(), 'handset': HandsetLike(), 'workspace': OnDemand()}
+
+
+def make(types, items=(), stacks=()):
+    allocator = Allocator(types, stacks, {'workspace': {'root': '/ws'}})
+    for item in items:
+        allocator.add(item)
+    return allocator
+
+
+def keys(items):
+    return [(item.profile['type'], item.profile.get('uid', item.profile.get('serial')))
+            for item in items]
+
+
+def test_single_profile_gets_matching_item(types):
+    allocator = make(types, [relay('r1'), relay('r2', color='red')])
+    assert keys(allocator.allocate('a', [{'type': 'relay', 'color': 'red'}])) == [
+        ('relay', 'r2')]
+
+
+def test_results_follow_request_order(types):
+    allocator = make(types, [relay('r1'), handset('h1')])
+    got = allocator.allocate('a', [{'type': 'handset'}, {'type': 'relay'}])
+    assert keys(got) == [('handset', 'h1'), ('relay', 'r1')]
+
+
+def test_nothing_matching_is_nosuch(types):
+    allocator = make(types, [relay('r1')])
+    with pytest.raises(NoSuch):
+        allocator.allocate('a', [{'type': 'relay', 'uid': 'r9'}])
+
+
+def test_unknown_type_is_nosuch(types):
+    with pytest.raises(NoSuch):
+        make(types).allocate('a', [{'type': 'toaster'}])
+
+
+def test_held_match_is_busy(types):
+    allocator = make(types, [relay('r1')])
+    allocator.allocate('a', [{'type': 'relay'}])
+    with pytest.raises(Busy):
+        allocator.allocate('b', [{'type': 'relay'}])
+
+
+def test_all_or_nothing_leaves_nothing_allocated_on_failure(types):
+    allocator = make(types, [relay('r1'), handset('h1')])
+    allocator.allocate('a', [{'type': 'handset'}])
+    with pytest.raises(Busy):
+        allocator.allocate('b', [{'type': 'relay'}, {'type': 'handset'}])
+    assert allocator.allocations('b') == [], 'a failed request must allocate nothing'
+
+
+def test_search_backtracks_instead_of_failing_greedily(types):
+    allocator = make(types, [relay('r1'), relay('r2')])
+    got = allocator.allocate('a', [{'type': 'relay'}, {'type': 'relay', 'uid': 'r1'}])
+    assert keys(got) == [('relay', 'r2'), ('relay', 'r1')]
+
+
+def test_same_item_is_never_given_twice_in_one_request(types):
+    allocator = make(types, [relay('r1')])
+    with pytest.raises(NoSuch):
+        allocator.allocate('a', [{'type': 'relay'}, {'type': 'relay'}])
+
+
+def test_group_must_come_from_one_stack(types):
+    stacks = [[handset('h1'), relay('r1')], [handset('h2'), relay('r2')]]
+    allocator = make(types, [handset('h1'), relay('r1'), handset('h2'), relay('r2')],
+                     stacks)
+    got = allocator.allocate('a', [[{'type': 'handset', 'serial': 'h2'}, {'type': 'relay'}]])
+    assert keys(got) == [('handset', 'h2'), ('relay', 'r2')]
+
+
+def test_group_without_a_fitting_stack_is_nosuch(types):
+    allocator = make(types, [handset('h1'), relay('r1')], [[handset('h1')]])
+    with pytest.raises(NoSuch):
+        allocator.allocate('a', [[{'type': 'handset'}, {'type': 'relay'}]])
+
+
+def test_other_stack_members_are_collateral_for_others(types):
+    allocator = make(types, [handset('h1'), relay('r1')], [[handset('h1'), relay('r1')]])
+    allocator.allocate('a', [{'type': 'handset'}])
+    with pytest.raises(Busy):
+        allocator.allocate('b', [{'type': 'relay'}])
+
+
+def test_collateral_is_still_available_to_its_holder(types):
+    allocator = make(types, [handset('h1'), relay('r1')], [[handset('h1'), relay('r1')]])
+    allocator.allocate('a', [{'type': 'handset'}])
+    assert keys(allocator.allocate('a', [{'type': 'relay'}])) == [('relay', 'r1')]
+
+
+def test_collateral_hidden_from_available_listing(types):
+    allocator = make(types, [handset('h1'), relay('r1'), relay('r2')],
+                     [[handset('h1'), relay('r1')]])
+    allocator.allocate('a', [{'type': 'handset'}])
+    assert allocator.available() == [relay('r2')]
+
+
+def test_on_demand_items_are_created_per_request(types):
+    allocator = make(types)
+    first = allocator.allocate('a', [{'type': 'workspace'}])
+    second = allocator.allocate('b', [{'type': 'workspace'}])
+    assert keys(first) != keys(second)
+    assert first[0].settings == {'root': '/ws'}, 'on-demand items carry type settings'
+
+
+def test_failed_request_discards_on_demand_items_it_made(types):
+    allocator = make(types, [relay('r1')])
+    allocator.allocate('a', [{'type': 'relay'}])
+    with pytest.raises(Busy):
+        allocator.allocate('b', [{'type': 'workspace'}, {'type': 'relay'}])
+    assert list(allocator.items) == [('relay', 'r1')], 'no stray workspaces may remain'
+
+
+def test_on_demand_not_listed_as_equipment(types):
+    allocator = make(types, [relay('r1')])
+    allocator.allocate('a', [{'type': 'workspace'}])
+    assert allocator.equipment() == [relay('r1')]
+
+
+def test_release_goes_through_releasing_state(types):
+    allocator = make(types, [relay('r1')])
+    allocator.allocate('a', [{'type': 'relay'}])
+    allocator.begin_release(('relay', 'r1'))
+    with pytest.raises(Busy):
+        allocator.allocate('b', [{'type': 'relay'}])
+    allocator.finish_release(('relay', 'r1'))
+    assert keys(allocator.allocate('b', [{'type': 'relay'}])) == [('relay', 'r1')]
+
+
+def test_finished_on_demand_item_is_forgotten(types):
+    allocator = make(types)
+    [item] = allocator.allocate('a', [{'type': 'workspace'}])
+    key = allocator.key_of(item.profile)
+    allocator.begin_release(key)
+    allocator.finish_release(key)
+    assert key not in allocator.items
+
+
+def test_check_holder_distinguishes_owner_other_and_nobody(types):
+    allocator = make(types, [relay('r1'), relay('r2')])
+    allocator.allocate('a', [{'type': 'relay', 'uid': 'r1'}])
+    assert allocator.check_holder('a', relay('r1')) == ('relay', 'r1')
+    with pytest.raises(NotOwner):
+        allocator.check_holder('b', relay('r1'))
+    with pytest.raises(NotAllocated):
+        allocator.check_holder('a', relay('r2'))
+
+
+def test_removed_free_item_disappears(types):
+    allocator = make(types, [relay('r1')])
+    allocator.remove(('relay', 'r1'))
+    with pytest.raises(NoSuch):
+        allocator.allocate('a', [{'type': 'relay'}])
+
+
+def test_removed_held_item_stays_allocated_and_offline(types):
+    allocator = make(types, [handset('h1', power_state='online')])
+    allocator.allocate('a', [{'type': 'handset'}])
+    allocator.remove(('handset', 'h1'))
+    assert allocator.allocations('a') == [handset('h1', power_state='offline')]
+    with pytest.raises(NoSuch):
+        allocator.allocate('b', [{'type': 'handset'}])
+    allocator.begin_release(('handset', 'h1'))
+    allocator.finish_release(('handset', 'h1'))
+    assert ('handset', 'h1') not in allocator.items, 'gone equipment is forgotten on release'
+
+
+def test_add_refreshes_profile_but_keeps_holder(types):
+    allocator = make(types, [handset('h1', power_state='online')])
+    allocator.allocate('a', [{'type': 'handset'}])
+    allocator.add(handset('h1', power_state='boot_completed'))
+    assert allocator.allocations('a') == [handset('h1', power_state='boot_completed')]
+
+
+def test_search_is_bounded_on_hopeless_requests(types):
+    allocator = make(types, [relay(f'r{i}') for i in range(12)])
+    request = [{'type': 'relay'}] * 13
+    with pytest.raises(NoSuch):
+        allocator.allocate('a', request)
