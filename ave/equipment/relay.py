@@ -1,0 +1,305 @@
+"""Relays: named circuits a test job opens and closes, each switched by a command.
+
+A lab wires relays into the paths it wants a job to control (a handset's USB power
+line, a battery terminal, a reset button) and declares them in broker.json. AVE does
+not talk to relay hardware itself: every circuit names the command that opens it, the
+command that closes it, and the state it rests in between jobs. That keeps any relay
+board a lab owns usable without a driver in AVE::
+
+    {"type": "relay", "uid": "r1", "pretty": "bench 3", "timeout": 10,
+     "circuits": {"usb.pc.vcc": {"open": ["usbrelay", "R1_1=0"],
+                                 "close": ["usbrelay", "R1_1=1"],
+                                 "default": "closed"}}}
+
+``pretty`` and ``timeout`` (seconds a command may take, default 30) are optional.
+The relay's profile lists its circuit names, so a job can ask for a relay that has
+the circuit it needs.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import shlex
+from typing import Any
+
+from ave import cmd
+from ave.equipment import EquipmentType, Resource
+from ave.exceptions import AveException, RunError, Timeout
+from ave.profile import Profile
+
+_log = logging.getLogger(__name__)
+
+#: How long one open or close command may run before it is killed. Relay tools
+#: answer in well under a second; the limit exists so that one stuck on a dead USB
+#: device cannot hold the session (and the job) forever.
+DEFAULT_TIMEOUT = 30.0
+
+_ENTRY_KEYS = ('type', 'uid', 'circuits', 'pretty', 'timeout')
+_CIRCUIT_KEYS = ('open', 'close', 'default')
+_STATES = ('open', 'closed')
+_OUTPUT_SHOWN = 400
+
+
+class RelayError(AveException):
+    """A circuit could not be switched: its command failed, could not start or hung.
+
+    Details (also attributes): ``uid``, ``circuit``, ``cmd``, ``exit_code`` (None
+    when the command did not run to an end) and ``out``. The error a failed
+    ``reset`` raises has ``uid`` and ``failures`` instead: the details of each
+    circuit's own error.
+    """
+
+
+class RelayProfile(Profile):
+    """A relay's profile; ``uid`` tells two relays apart."""
+
+    identity = 'uid'
+
+
+class Relay(Resource):
+    """One relay as its holder's session drives it.
+
+    The public methods are exactly what a client may call over RPC. The state each
+    circuit reports is the one AVE last switched it to, not a measurement: relay
+    boards seldom tell, and a command that failed leaves the circuit 'unknown'.
+    """
+
+    def __init__(self, profile: Profile, settings: dict) -> None:
+        # The entry normally comes checked from broker.json; checking again here
+        # means a resource is never built on commands nobody validated.
+        _check_entry(settings)
+        super().__init__(profile, settings)
+        self._uid: str = settings['uid']
+        self._circuits: dict[str, dict] = settings['circuits']
+        self._timeout: float = settings.get('timeout', DEFAULT_TIMEOUT)
+        self._states: dict[str, str] = {name: 'unknown' for name in self._circuits}
+
+    def set_circuit(self, name: str, closed: bool) -> None:
+        """Close (``closed=True``) or open one circuit by running its command.
+
+        ``closed`` must be a real boolean: a truthy string such as "false" switching
+        a power line the wrong way is the kind of mistake this refuses outright.
+        """
+        self._known(name)
+        if not isinstance(closed, bool):
+            raise TypeError(f'closed must be true or false, got {type(closed).__name__} '
+                            f'{closed!r}')
+        self._switch(name, closed)
+
+    def reset(self) -> None:
+        """Put every circuit back in its default state.
+
+        Every circuit is tried even when an earlier one fails, because leaving the
+        rest as the last job set them would be worse; the one RelayError raised at
+        the end names each failure.
+        """
+        failures = []
+        for name in sorted(self._circuits):
+            try:
+                self._switch(name, self._circuits[name]['default'] == 'closed')
+            except RelayError as err:
+                failures.append(err)
+        if failures:
+            raise _reset_error(self._uid, failures, len(self._circuits))
+
+    def get_circuits(self) -> dict[str, str]:
+        """Each circuit's state as last switched: 'open', 'closed' or 'unknown'."""
+        return dict(self._states)
+
+    def _setup(self) -> None:
+        """Reset before the new holder starts.
+
+        Release already resets, but a session that crashed never got to, and nothing
+        resets a relay before its first allocation after the broker starts. Resetting
+        here too means a job always starts from the defaults and knows every
+        circuit's state; a relay that cannot be reset fails the allocation loudly
+        rather than leaving the job on a power line in an unknown state.
+        """
+        self.reset()
+
+    def _teardown(self) -> None:
+        """Reset on release so the next holder finds every circuit at its default."""
+        self.reset()
+
+    def _known(self, name: Any) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f'a circuit name is a string, got {type(name).__name__} {name!r}')
+        if name not in self._circuits:
+            raise ValueError(f'relay {self._uid!r} has no circuit {name!r}; its circuits '
+                             f'are: {", ".join(sorted(self._circuits))}')
+
+    def _switch(self, name: str, closed: bool) -> None:
+        """Run the circuit's command; the state is 'unknown' unless it succeeds."""
+        argv = self._circuits[name]['close' if closed else 'open']
+        self._states[name] = 'unknown'
+        try:
+            code, out = cmd.run(argv, timeout=self._timeout)
+        except RunError as err:
+            raise self._error(name, argv, f'cannot run {_quoted(argv)}: {err}') from err
+        except Timeout as err:
+            raise self._error(name, argv, f'{_quoted(argv)} did not finish within '
+                              f'{self._timeout:g} s and was killed', err.out) from err
+        if code != 0:
+            raise self._error(name, argv, f'{_quoted(argv)} exited with status {code}',
+                              out, code)
+        self._states[name] = 'closed' if closed else 'open'
+        _log.info('relay %s: circuit %s %s', self._uid, name, self._states[name])
+
+    def _error(self, name: str, argv: list[str], problem: str, out: str = '',
+               exit_code: int | None = None) -> RelayError:
+        message = f'relay {self._uid!r} circuit {name!r}: {problem}'
+        if out:
+            message += f' (output: {_tail(out)})'
+        return RelayError({'message': message, 'uid': self._uid, 'circuit': name,
+                           'cmd': list(argv), 'exit_code': exit_code, 'out': out})
+
+
+class RelayType(EquipmentType):
+    """Relays are declared in broker.json; nothing lists or creates them."""
+
+    name = 'relay'
+    profile_class = RelayProfile
+    resource_class = Relay
+
+    def validate_entry(self, entry: dict) -> None:
+        """Raise ValueError naming the first wrong field of a broker.json relay entry.
+
+        Fields are named the way the lab owner wrote them (``circuits.usb.pc.vcc.open``)
+        and unknown keys are refused, so a typo never silently leaves a setting out.
+        """
+        _check_entry(entry)
+
+    def profile_of(self, entry: dict) -> RelayProfile:
+        """The relay's profile: identity, sorted circuit names, and ``pretty`` if set."""
+        values = {'type': self.name, 'uid': entry['uid'],
+                  'circuits': sorted(entry['circuits']), 'power_state': 'online'}
+        if 'pretty' in entry:
+            values['pretty'] = entry['pretty']
+        return RelayProfile(values)
+
+
+RELAY = RelayType()
+
+
+def _reset_error(uid: str, failures: list[RelayError], total: int) -> RelayError:
+    """One error for a reset that failed on some circuits, one line per failure."""
+    lines = [f'relay {uid!r}: reset failed for {len(failures)} of {total} circuits:']
+    lines += [f'  {failure}' for failure in failures]
+    return RelayError({'message': '\n'.join(lines), 'uid': uid,
+                       'failures': [dict(failure.details) for failure in failures]})
+
+
+def _quoted(argv: list[str]) -> str:
+    return f'command "{shlex.join(argv)}"'
+
+
+def _tail(out: str) -> str:
+    """The end of a command's output for a message; errors are usually printed last."""
+    text = out.strip()
+    if len(text) > _OUTPUT_SHOWN:
+        text = '...' + text[-_OUTPUT_SHOWN:]
+    return json.dumps(text)
+
+
+# --- checking a broker.json entry ---------------------------------------------------
+
+def _check_entry(entry: Any) -> None:
+    _check_object(None, entry, _ENTRY_KEYS)
+    if _required(entry, 'type') != RelayType.name:
+        raise _fail('type', f'expected "relay", got {_shown(entry["type"])}')
+    _check_string('uid', _required(entry, 'uid'))
+    _check_circuits(_required(entry, 'circuits'))
+    if 'pretty' in entry:
+        _check_string('pretty', entry['pretty'])
+    if 'timeout' in entry:
+        _check_timeout(entry['timeout'])
+
+
+def _check_circuits(circuits: Any) -> None:
+    if not isinstance(circuits, dict) or not circuits:
+        raise _fail('circuits', 'expected a non-empty object of circuit name -> commands, '
+                    f'got {_shown(circuits)}')
+    for name, circuit in circuits.items():
+        if not isinstance(name, str) or not name:
+            raise _fail('circuits', f'expected circuit names to be non-empty strings, '
+                        f'got {_shown(name)}')
+        _check_circuit(f'circuits.{name}', circuit)
+
+
+def _check_circuit(field: str, circuit: Any) -> None:
+    _check_object(field, circuit, _CIRCUIT_KEYS)
+    _check_argv(f'{field}.open', _required(circuit, 'open', field))
+    _check_argv(f'{field}.close', _required(circuit, 'close', field))
+    default = _required(circuit, 'default', field)
+    if default not in _STATES:
+        raise _fail(f'{field}.default', f'expected "open" or "closed", got {_shown(default)}')
+
+
+def _check_argv(field: str, argv: Any) -> None:
+    """A command as ave.cmd.run takes it: a program followed by its arguments."""
+    if not isinstance(argv, list) or not argv:
+        raise _fail(field, f'expected a non-empty list of strings, got {_shown(argv)}')
+    for index, arg in enumerate(argv):
+        if not isinstance(arg, str):
+            raise _fail(f'{field}[{index}]', f'expected a string, got {_shown(arg)}')
+        if '\0' in arg:
+            raise _fail(f'{field}[{index}]', 'contains a NUL character, which no command '
+                        'line can carry')
+    if not argv[0]:
+        raise _fail(f'{field}[0]', 'expected the name or path of a program, got ""')
+
+
+def _check_timeout(value: Any) -> None:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value <= 0):
+        raise _fail('timeout', f'expected a number of seconds above 0, got {_shown(value)}')
+
+
+def _check_string(field: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise _fail(field, f'expected a non-empty string, got {_shown(value)}')
+
+
+def _check_object(field: str | None, value: Any, known: tuple[str, ...]) -> None:
+    """A JSON object whose keys are all in ``known``; the first stranger is named."""
+    if not isinstance(value, dict):
+        raise _fail(field, f'expected an object, got {_shown(value)}')
+    for key in value:
+        if key not in known:
+            raise _fail(_join(field, str(key)), _unknown(str(key), known))
+
+
+def _required(data: dict, key: str, parent: str | None = None) -> Any:
+    if key not in data:
+        raise _fail(_join(parent, key), 'required but missing')
+    return data[key]
+
+
+def _unknown(key: str, known: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return f"unknown key (did you mean '{close[0]}'?)"
+    return f'unknown key (expected one of: {", ".join(known)})'
+
+
+def _join(parent: str | None, key: str) -> str:
+    return key if parent is None else f'{parent}.{key}'
+
+
+def _fail(field: str | None, problem: str) -> ValueError:
+    return ValueError(problem if field is None else f'{field}: {problem}')
+
+
+def _shown(value: Any) -> str:
+    """A wrong value as a message shows it: scalars as JSON, containers by kind."""
+    if isinstance(value, list):
+        return 'a list' if value else 'an empty list'
+    if isinstance(value, dict):
+        return 'an object' if value else 'an empty object'
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + '...'
