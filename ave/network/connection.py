@@ -254,6 +254,8 @@ class BlockingConnection(Connection):
                 return
             except ConnectionRefused:
                 if not optimist:
+                    self.close()
+                    self.socket = None
                     raise
             self.close()
             self.socket = None

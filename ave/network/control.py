@@ -227,6 +227,8 @@ class Control(Process):
         events = selector.select(self._wait_time(timeout))
         for key, mask in events:
             item = key.data
+            if not self.keep_going:
+                return  # an RPC shut the service down: the rest of the batch is moot
             if item.state is not None:
                 self._handlers[item.state](item, mask)
         now = time.monotonic()
@@ -431,7 +433,7 @@ class Control(Process):
         """Decode, authorize, call and answer one request. Bad input is answered too."""
         try:
             request = json.loads(payload)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             self._reply_exception(peer, AveException(f'malformed request: {error}'))
             return
         is_async = isinstance(request, dict) and request.get('async') is True
@@ -490,7 +492,7 @@ class Control(Process):
     def _reply(self, peer: Peer, result: Any) -> None:
         try:
             payload = json.dumps({'result': result})
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, RecursionError) as error:
             self._reply_exception(peer, AveException(f'result cannot be sent: {error}'))
             return
         self._send(peer, payload)
@@ -663,7 +665,11 @@ class RemoteControl:
     def _connect(self) -> BlockingConnection:
         if self._connection is None:
             connection = BlockingConnection(self._address)
-            connection.connect(self._timeout, self._optimist)
+            try:
+                connection.connect(self._timeout, self._optimist)
+            except BaseException:
+                connection.close()
+                raise
             self._connection = connection
             try:
                 self._handshake()
