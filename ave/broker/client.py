@@ -1,13 +1,32 @@
 """The test job's side: ``Broker`` allocates, resource proxies drive what it got."""
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 from ave.config import load_broker_config, resolve_home
+from ave.equipment import load_types
 from ave.network.control import RemoteControl
 from ave.network.exceptions import ConnectionClosed, ConnectionRefused
 
 DEFAULT_TIMEOUT = 5.0
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _import_equipment() -> None:
+    """Import every equipment plug-in so that its exceptions arrive typed.
+
+    A resource's error (RelayError, PathError, ...) is rebuilt by class name, which
+    works only for classes this process has imported. A broken plug-in must not stop
+    a test job from using the rest, so its failure is only logged.
+    """
+    try:
+        load_types()
+    except Exception:
+        log.warning('could not load every equipment plug-in', exc_info=True)
 
 
 class Resource(RemoteControl):
@@ -48,6 +67,7 @@ class Broker(RemoteControl):
             config = load_broker_config(resolve_home(home))
             address = (config['host'], config['port'])
         super().__init__(address, authkey, timeout)
+        _import_equipment()
 
     def get(self, *profiles: dict | tuple) -> Resource | tuple[Resource, ...]:
         """Allocate equipment: one proxy for one profile, else a tuple in request order.
