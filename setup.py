@@ -18,6 +18,7 @@ setup(
     entry_points={
         'console_scripts': [
             'ave-config = ave.config_cli:main',
+            'ave-broker = ave.broker.cli:main',
         ],
         # The built-in equipment registers exactly as a lab's own plug-in would.
         'ave.equipment': [

@@ -1,0 +1,318 @@
+"""The broker as a system process: configuration checked up front, pid file, logs.
+
+``BrokerServer`` knows how to allocate equipment; this module knows how a broker
+lives on a host. Everything that can be wrong with the configuration is found by
+``BrokerDaemon.from_home`` in the calling process, before anything forks, so the
+lab owner reads the problem on their terminal instead of in a log file. The daemon
+then writes its own pid file while it initializes (a foreground broker under a
+supervisor gets one too) and removes it when it ends.
+
+The pid file is only a hint: a broker that was killed leaves it behind, and its pid
+may since belong to another program. ``find_broker`` therefore trusts the file only
+when the live process is called ``ave-broker`` and is older than the file, and
+nothing is ever signalled on the file's word alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from logging.handlers import RotatingFileHandler
+from typing import Callable, TextIO
+
+import psutil
+
+from ave import config
+from ave.broker.server import BrokerServer
+from ave.equipment import EquipmentType, load_types
+from ave.exceptions import AveException
+
+log = logging.getLogger(__name__)
+
+#: The process name BrokerServer gives itself (prctl); how a live broker is recognised.
+PROC_NAME = 'ave-broker'
+
+LOG_FILE = 'broker.log'
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 5
+LOG_FORMAT = '%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s'
+
+#: Slack when comparing a process's start time with the pid file's mtime: the two
+#: clocks are read with different granularity (clock ticks versus nanoseconds).
+_START_TIME_SLACK = 1.0
+
+
+def pid_file_path(home: str) -> str:
+    """Where the broker of ``home`` records its pid."""
+    return os.path.join(home, '.ave', 'broker.pid')
+
+
+def log_dir(home: str) -> str:
+    """Where a daemonized broker of ``home`` writes ``broker.log`` and its rotations."""
+    return os.path.join(home, '.ave', 'logs')
+
+
+class BrokerDaemon(BrokerServer):
+    """A BrokerServer that keeps a pid file and logs to a file (or, in the foreground,
+    to stderr for a supervisor to capture)."""
+
+    def __init__(self, home: str, broker_config: dict, authkeys: dict,
+                 types: dict[str, EquipmentType], type_settings: dict[str, dict],
+                 foreground: bool = False) -> None:
+        super().__init__(home, broker_config, authkeys, types, type_settings, logging=True)
+        self.foreground = foreground
+
+    @classmethod
+    def from_home(cls, home: str, foreground: bool = False) -> BrokerDaemon:
+        """Load and check every configuration file of ``home``, then bind the port.
+
+        Raises ConfigError naming the file and field at fault, AveException when an
+        equipment plug-in cannot be loaded or the port cannot be bound. Nothing has
+        been started when this raises.
+        """
+        types = load_equipment_types()
+        broker_config = config.load_broker_config(home, _entry_checker(types))
+        _check_stack_types(home, broker_config['stacks'], types)
+        authkeys = config.load_authkeys(home)
+        type_settings = {name: _load_settings(equipment_type, home)
+                         for name, equipment_type in types.items()}
+        try:
+            return cls(home, broker_config, authkeys, types, type_settings, foreground)
+        except OSError as error:
+            where = f'{broker_config["host"]}:{broker_config["port"]}'
+            reason = error.strerror or str(error)
+            raise AveException(f'cannot listen on {where}: {reason}') from None
+
+    def serve_foreground(self) -> int:
+        """Run the broker in the calling process until SIGTERM (or Ctrl-C); return 0.
+
+        For supervisors that track the process they started (systemd Type=simple):
+        the same steps as a forked daemon, without the fork.
+        """
+        self.pid = os.getpid()
+        self.redirect()
+        self.initialize()
+        self.run()
+        return 0
+
+    def redirect(self) -> None:
+        """Send the log (and, for a daemon, stray output and tracebacks) somewhere kept.
+
+        A daemon must also let go of the caller's terminal and pipes: a shell or test
+        harness reading ``ave-broker --start``'s output would otherwise wait for the
+        daemon to exit before it saw end-of-file.
+        """
+        if self.foreground:
+            logging.basicConfig(handlers=[logging.StreamHandler(sys.stderr)],
+                                level=logging.INFO, format=LOG_FORMAT, force=True)
+            return
+        os.chdir('/')  # do not keep the caller's working directory busy
+        _stdin_from_devnull()
+        os.makedirs(log_dir(self.home), exist_ok=True)
+        handler = _StdioRotatingHandler(os.path.join(log_dir(self.home), LOG_FILE))
+        logging.basicConfig(handlers=[handler], level=logging.INFO, format=LOG_FORMAT,
+                            force=True)
+
+    def initialize(self) -> None:
+        """Install signal handling, then announce the pid: the broker is ready."""
+        super().initialize()
+        if self.foreground:
+            signal.signal(signal.SIGINT, self.handle_SIGTERM)  # Ctrl-C stops it cleanly
+        write_pid_file(pid_file_path(self.home), os.getpid())
+        log.info('broker started: pid %d, listening on %s:%d, home %s',
+                 os.getpid(), self.config['host'], self.port, self.home)
+
+    def run(self) -> None:
+        """Serve until shut down; the pid file goes with the process, however it ends."""
+        try:
+            super().run()
+        finally:
+            remove_pid_file(pid_file_path(self.home), os.getpid())
+            log.info('broker stopped: pid %d', os.getpid())
+
+
+# -- checking the configuration ---------------------------------------------------------
+
+def load_equipment_types() -> dict[str, EquipmentType]:
+    """The installed equipment types. A plug-in is code we do not control: whatever it
+    raises while loading means the broker cannot work, and is reported as such."""
+    try:
+        return load_types()
+    except Exception as error:
+        raise AveException(f'cannot load the equipment plug-ins: '
+                           f'{type(error).__name__}: {error}') from None
+
+
+def _entry_checker(types: dict[str, EquipmentType]) -> Callable[[dict], None]:
+    """A check_equipment for load_broker_config: the entry's own type judges it."""
+    def check(entry: dict) -> None:
+        equipment_type = types.get(entry['type'])
+        if equipment_type is None:
+            raise ValueError(f'unknown equipment type {entry["type"]!r} '
+                             f'(installed: {", ".join(sorted(types)) or "none"})')
+        equipment_type.validate_entry(entry)
+    return check
+
+
+def _check_stack_types(home: str, stacks: list[list[dict]],
+                       types: dict[str, EquipmentType]) -> None:
+    """A stack member of a type nobody installed could never be matched: a typo."""
+    path = os.path.join(config.config_dir(home), 'broker.json')
+    for i, stack in enumerate(stacks):
+        for j, member in enumerate(stack):
+            if member['type'] not in types:
+                problem = f'unknown equipment type {member["type"]!r}'
+                raise config.ConfigError.at(path, problem, f'stacks[{i}][{j}].type')
+
+
+def _load_settings(equipment_type: EquipmentType, home: str) -> dict:
+    """A type's settings (workspace.json, say). ConfigError already names the file."""
+    try:
+        return equipment_type.load_settings(home)
+    except AveException:
+        raise
+    except Exception as error:
+        raise AveException(f'equipment type {equipment_type.name!r} cannot load its '
+                           f'settings: {type(error).__name__}: {error}') from None
+
+
+# -- the pid file -----------------------------------------------------------------------
+
+@dataclass
+class BrokerStatus:
+    """What the pid file of a home says, checked against the live process."""
+
+    process: psutil.Process | None
+    stale_removed: bool = False
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+
+def find_broker(home: str) -> BrokerStatus:
+    """The live broker of ``home``, if its pid file names one; a stale file is removed.
+
+    A pid file is stale when its pid is gone, a zombie, a program not called
+    ``ave-broker``, or a process that started after the file was written (the pid was
+    reused). Only a process that passes these checks may be signalled.
+    """
+    path = pid_file_path(home)
+    try:
+        pid, written = _read_pid_file(path)
+    except FileNotFoundError:
+        return BrokerStatus(None)
+    process = _live_broker(pid, written) if pid is not None else None
+    if process is not None:
+        return BrokerStatus(process)
+    remove_pid_file(path, pid)
+    return BrokerStatus(None, stale_removed=True)
+
+
+def _read_pid_file(path: str) -> tuple[int | None, float]:
+    """The pid (None if the content is not a pid) and the file's modification time."""
+    with open(path, encoding='ascii', errors='replace') as stream:
+        written = os.fstat(stream.fileno()).st_mtime
+        text = stream.read(32).strip()
+    return (int(text) if text.isdigit() else None), written
+
+
+def _live_broker(pid: int, written: float) -> psutil.Process | None:
+    try:
+        process = psutil.Process(pid)
+        if (process.status() == psutil.STATUS_ZOMBIE or process.name() != PROC_NAME
+                or process.create_time() > written + _START_TIME_SLACK):
+            return None
+    except psutil.Error:
+        return None  # gone, or not ours to inspect: either way not our broker
+    return process
+
+
+def write_pid_file(path: str, pid: int) -> None:
+    """Publish ``pid`` at ``path`` atomically: readers see the old file or the new one."""
+    temp = f'{path}.{secrets.token_hex(4)}.tmp'
+    try:
+        with open(temp, 'x', encoding='ascii') as stream:
+            stream.write(f'{pid}\n')
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def remove_pid_file(path: str, pid: int | None) -> None:
+    """Remove the pid file if it still holds ``pid`` (None: a file without a valid pid).
+
+    A newer broker may have written its own pid meanwhile; that file must stay.
+    """
+    try:
+        if _read_pid_file(path)[0] == pid:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def wait_for_exit(process: psutil.Process, timeout: float) -> bool:
+    """Wait until ``process`` is gone or a zombie; False if it still runs after ``timeout``.
+
+    The daemon is not our child, so it cannot be reaped here, and whether its new
+    parent reaps it promptly is not ours to know: a zombie has exited all the same.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+# -- logging ----------------------------------------------------------------------------
+
+class _StdioRotatingHandler(RotatingFileHandler):
+    """A rotating log written through descriptor 2, with descriptor 1 beside it.
+
+    Stray output and tracebacks land in the current log file, and the handler
+    survives ``Process.close_fds()`` in the sessions forked from the broker, which
+    keeps 0, 1 and 2 and closes everything else. Only the process that made the
+    handler rotates: two processes renaming the same files would shuffle them, so a
+    session writes to the file that was current when it was forked.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._owner = os.getpid()
+        super().__init__(path, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS,
+                         encoding='utf-8')
+
+    def _open(self) -> TextIO:
+        """Open the current file onto descriptors 1 and 2 and write through 2.
+
+        The logging module calls this when the handler is made and after each
+        rotation; the stream must not own descriptor 2, or rotating would close it.
+        """
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        fd = os.open(self.baseFilename, flags, 0o644)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        return open(2, 'a', encoding=self.encoding, errors=self.errors, closefd=False)
+
+    def shouldRollover(self, record: logging.LogRecord) -> bool:
+        return os.getpid() == self._owner and bool(super().shouldRollover(record))
+
+
+def _stdin_from_devnull() -> None:
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(fd, 0)
+    os.close(fd)
