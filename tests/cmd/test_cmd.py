@@ -1,0 +1,489 @@
+"""ave.cmd against real processes on real pseudoterminals; nothing is mocked.
+
+Tests that start processes able to outlive a failing assertion hand their pids to the
+``doomed`` fixture, which kills whatever is still alive when the test ends.
+"""
+import errno
+import os
+import select
+import signal
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from ave.cmd import run, run_bg
+from ave.exceptions import RunError, Timeout
+
+PY = sys.executable
+
+
+@pytest.fixture
+def doomed():
+    """Pids to SIGKILL at teardown, so a failed test leaves nothing running."""
+    pids = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(autouse=True)
+def _reap_children():
+    """Kill and reap any direct child a test left behind (a bug, but not a hang)."""
+    yield
+    for child in psutil.Process().children():
+        try:
+            child.kill()
+            os.waitpid(child.pid, 0)
+        except (psutil.NoSuchProcess, ChildProcessError):
+            pass
+
+
+@pytest.fixture
+def restore_signals():
+    """Give a test free rein over signal handling; put everything back afterwards."""
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD,
+               signal.SIGPIPE)
+    saved = {signum: signal.getsignal(signum) for signum in handled}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    yield
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def gone(pid: int) -> bool:
+    """True when ``pid`` is not running (a zombie waiting for its reaper counts)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def all_gone(pids: list[int], within: float = 2.0) -> bool:
+    """SIGKILL is delivered at once but dying takes a moment: allow ``within`` s."""
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        if all(gone(pid) for pid in pids):
+            return True
+        time.sleep(0.02)
+    return all(gone(pid) for pid in pids)
+
+
+def pids_in(text: str) -> list[int]:
+    return [int(word) for word in text.split() if word.isdigit()]
+
+
+def in_forked_helper(action) -> list[str]:
+    """Run ``action`` in a forked copy of this process; return what every copy wrote.
+
+    The helper writes one line with the action's result and exits. If the code under
+    test ever let a second copy of its caller run on, that copy would write a second
+    line into the same pipe.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            try:
+                line = f'done: {action()}'
+            except Exception as exc:  # report whatever happened to the test
+                line = f'raised: {exc!r}'
+            os.write(write_end, (line + '\n').encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        data = b''
+        while select.select([read_end], [], [], 20)[0]:
+            chunk = os.read(read_end, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    return data.decode().splitlines()
+
+
+def open_descriptors() -> list[str]:
+    return [os.readlink(f'/proc/self/fd/{name}') for name in os.listdir('/proc/self/fd')
+            if os.path.exists(f'/proc/self/fd/{name}')]
+
+
+def pty_descriptors() -> int:
+    return sum(1 for target in open_descriptors()
+               if target == '/dev/ptmx' or target.startswith('/dev/pts/'))
+
+
+# --- exit codes ---------------------------------------------------------------------
+
+def test_success_gives_exit_code_zero():
+    assert run(['true']) == (0, ''), 'true must exit 0 without output'
+
+
+def test_failure_gives_the_programs_exit_code():
+    code, _ = run(['sh', '-c', 'exit 3'])
+    assert code == 3, 'the exit code must be passed through unchanged'
+
+
+def test_death_by_signal_gives_minus_the_signal_number():
+    code, _ = run(['sh', '-c', 'kill -TERM $$'])
+    assert code == -signal.SIGTERM, f'expected -SIGTERM, got {code}'
+
+
+# --- output -------------------------------------------------------------------------
+
+def test_stdout_and_stderr_are_mixed_in_write_order():
+    _, out = run(['sh', '-c', 'echo one; echo two >&2; echo three'])
+    assert out == 'one\r\ntwo\r\nthree\r\n', f'unexpected output {out!r}'
+
+
+def test_string_command_is_split_on_whitespace():
+    _, out = run('echo  a   b')
+    assert out == 'a b\r\n', 'a string command must be split on runs of whitespace'
+
+
+def test_list_command_keeps_each_argument_whole():
+    _, out = run(['echo', 'a   b'])
+    assert out == 'a   b\r\n', 'list items must reach the program unsplit'
+
+
+def test_tuple_command_works_like_a_list():
+    assert run(('echo', 'x')) == (0, 'x\r\n'), 'a tuple of str is a valid command'
+
+
+def test_command_runs_in_the_given_directory(tmp_path):
+    _, out = run(['pwd', '-P'], cwd=tmp_path)
+    assert out.strip() == str(tmp_path.resolve()), 'cwd must be the working directory'
+
+
+def test_empty_cwd_keeps_the_current_directory():
+    _, out = run(['pwd', '-P'])
+    assert out.strip() == os.path.realpath(os.getcwd()), "cwd='' must not change dir"
+
+
+def test_invalid_utf8_is_replaced():
+    _, out = run(['printf', 'a\\377b'])
+    assert out == 'a\ufffdb', f'invalid bytes must become U+FFFD, got {out!r}'
+
+
+def test_character_split_across_reads_is_decoded_whole():
+    script = ("import sys, time\n"
+              "sys.stdout.buffer.write(b'\\xc3'); sys.stdout.flush(); time.sleep(0.3)\n"
+              "sys.stdout.buffer.write(b'\\xa9'); sys.stdout.flush()\n")
+    _, out = run([PY, '-c', script])
+    assert out == '\u00e9', f'a two-byte character split in time was mangled: {out!r}'
+
+
+def test_large_output_arrives_complete():
+    _, out = run(['sh', '-c', "head -c 1000000 /dev/zero | tr '\\0' x"])
+    assert out == 'x' * 1_000_000, f'expected 1000000 x, got {len(out)} characters'
+
+
+def test_output_file_receives_output_while_the_command_runs(tmp_path):
+    path = tmp_path / 'out.txt'
+    # The command looks at the file itself: it only says "seen" if its first line got
+    # there while it was still running.
+    script = ('echo first; for i in $(seq 50); do '
+              'grep -q first "$1" && echo seen && exit 0; sleep 0.1; done; echo unseen')
+    with open(path, 'w', encoding='utf-8') as sink:
+        _, out = run(['sh', '-c', script, 'sh', str(path)], output_file=sink)
+    assert out == 'first\r\nseen\r\n', f'output was not streamed: {out!r}'
+    with open(path, encoding='utf-8', newline='') as written:
+        assert written.read() == out, 'the file must hold the whole output'
+
+
+def test_debug_echoes_output_to_stderr(capfd):
+    run(['echo', 'shown-on-stderr'], debug=True)
+    assert 'shown-on-stderr' in capfd.readouterr().err, 'debug must echo to stderr'
+
+
+def test_command_is_session_leader_with_the_pty_as_controlling_terminal():
+    script = ('import os\n'
+              'print(os.getsid(0) == os.getpid(), os.getpgid(0) == os.getpid(),'
+              ' os.isatty(1))\n'
+              'os.close(os.open("/dev/tty", os.O_RDWR))\n')
+    assert run([PY, '-c', script]) == (0, 'True True True\r\n'), \
+        'the command must lead its own session with the pty as controlling terminal'
+
+
+def test_child_starts_with_default_signal_handling(restore_signals):
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    _, out = run(['grep', '-E', '^Sig(Blk|Ign)', '/proc/self/status'])
+    assert out.split() == ['SigBlk:', '0' * 16, 'SigIgn:', '0' * 16], \
+        f'the command inherited blocked or ignored signals: {out!r}'
+
+
+def test_works_from_a_thread_other_than_main():
+    results = []
+    worker = threading.Thread(target=lambda: results.append(run(['echo', 'hi'])))
+    worker.start()
+    worker.join(10)
+    assert results == [(0, 'hi\r\n')], 'run() must work outside the main thread'
+
+
+def test_works_when_the_caller_closed_its_stdio():
+    def closed_stdio_run():
+        for fd in (0, 1, 2):
+            os.close(fd)
+        return run(['echo', 'hi'])
+    assert in_forked_helper(closed_stdio_run) == ["done: (0, 'hi\\r\\n')"], \
+        'descriptors 0-2 being free must not confuse the child set-up'
+
+
+# --- when output ends ---------------------------------------------------------------
+
+@pytest.mark.timeout(10)
+def test_returns_when_the_command_exits_though_a_descendant_holds_the_pty(doomed):
+    start = time.monotonic()
+    code, out = run(['sh', '-c', 'trap "" HUP; sleep 30 & echo $!'])
+    elapsed = time.monotonic() - start
+    doomed.extend(pids_in(out))
+    assert code == 0 and len(doomed) == 1, f'unexpected result {code}, {out!r}'
+    assert elapsed < 2, f'run() waited {elapsed:.1f} s for a descendant'
+
+
+@pytest.mark.timeout(10)
+def test_waits_for_a_command_that_closed_its_output():
+    start = time.monotonic()
+    code, _ = run(['sh', '-c', 'exec >/dev/null 2>&1; sleep 0.5; exit 7'])
+    elapsed = time.monotonic() - start
+    assert (code, elapsed >= 0.5) == (7, True), 'run() must wait for the exit itself'
+
+
+@pytest.mark.timeout(10)
+def test_properly_daemonized_program_survives(doomed):
+    # The daemon detaches (new session, stdio off the pty) before its parent exits.
+    script = ('import os, time\n'
+              'ready_r, ready_w = os.pipe()\n'
+              'if os.fork() == 0:\n'
+              '    os.setsid()\n'
+              '    print(os.getpid(), flush=True)\n'
+              '    null = os.open(os.devnull, os.O_RDWR)\n'
+              '    for fd in (0, 1, 2):\n'
+              '        os.dup2(null, fd)\n'
+              '    os.close(ready_w)\n'
+              '    time.sleep(30)\n'
+              '    os._exit(0)\n'
+              'os.close(ready_w)\n'
+              'os.read(ready_r, 1)\n')
+    _, out = run([PY, '-c', script])
+    doomed.extend(pids_in(out))
+    assert len(doomed) == 1 and not gone(doomed[0]), \
+        'a program in a session of its own must outlive the call'
+
+
+# --- timeouts -----------------------------------------------------------------------
+
+@pytest.mark.timeout(10)
+def test_timeout_raises_promptly():
+    start = time.monotonic()
+    with pytest.raises(Timeout):
+        run(['sleep', '30'], timeout=1)
+    elapsed = time.monotonic() - start
+    assert elapsed < 2, f'Timeout came after {elapsed:.1f} s'
+
+
+@pytest.mark.timeout(10)
+def test_timeout_kills_the_whole_process_group(doomed):
+    with pytest.raises(Timeout) as caught:
+        run(['sh', '-c', 'sleep 30 & echo $!; sleep 30 & echo $!; wait'], timeout=1)
+    doomed.extend(pids_in(caught.value.out))
+    assert len(doomed) == 2, f'expected two pids in {caught.value.out!r}'
+    assert all_gone(doomed), 'grandchildren survived the timeout'
+    assert psutil.Process().children() == [], 'the command was not reaped'
+
+
+@pytest.mark.timeout(10)
+def test_timeout_kills_descendants_that_left_the_process_group(doomed):
+    script = ('import os, time\n'
+              'os.setpgid(0, 0)\n'
+              'print(os.getpid(), flush=True)\n'
+              'time.sleep(30)\n')
+    with pytest.raises(Timeout) as caught:
+        run(['sh', '-c', f'{PY} -c "$1" & wait', 'sh', script], timeout=1)
+    doomed.extend(pids_in(caught.value.out))
+    assert len(doomed) == 1, f'expected one pid in {caught.value.out!r}'
+    assert all_gone(doomed), 'a process in another group of the session survived'
+
+
+@pytest.mark.timeout(10)
+def test_timeout_carries_the_command_and_the_output_so_far():
+    cmd = ['sh', '-c', 'echo started; sleep 30']
+    with pytest.raises(Timeout) as caught:
+        run(cmd, timeout=0.5)
+    assert (caught.value.cmd, caught.value.out) == (cmd, 'started\r\n'), \
+        f'Timeout details incomplete: {caught.value.details}'
+
+
+@pytest.mark.timeout(10)
+def test_timeout_applies_after_the_command_closed_its_output():
+    with pytest.raises(Timeout):
+        run(['sh', '-c', 'exec >/dev/null 2>&1; sleep 30'], timeout=0.5)
+
+
+@pytest.mark.timeout(10)
+def test_error_while_streaming_kills_and_reaps_the_command(tmp_path):
+    (tmp_path / 'read-only').write_text('')
+    with open(tmp_path / 'read-only', encoding='utf-8') as not_writable:
+        with pytest.raises(OSError):
+            run(['sh', '-c', 'echo x; sleep 30'], output_file=not_writable)
+    assert psutil.Process().children() == [], 'the command outlived the failed call'
+
+
+# --- resources ----------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_a_thousand_runs_leak_no_descriptors_ptys_or_zombies():
+    run(['true'])
+    fds_before, ptys_before = len(open_descriptors()), pty_descriptors()
+    for _ in range(1000):
+        run(['true'])
+    assert (len(open_descriptors()), pty_descriptors()) == (fds_before, ptys_before), \
+        'descriptors or ptys leaked'
+    assert psutil.Process().children() == [], 'zombies left behind'
+
+
+# --- start failures -----------------------------------------------------------------
+
+def test_missing_program_raises_run_error_in_exactly_one_process():
+    def missing():
+        try:
+            run(['no-such-program-ave-test'])
+        except RunError as exc:
+            return f'RunError {exc.message}'
+        return 'no error'
+    lines = in_forked_helper(missing)
+    assert len(lines) == 1, f'the caller continued in {len(lines)} processes: {lines}'
+    assert lines[0].startswith('done: RunError cannot run'), lines[0]
+
+
+def test_run_error_carries_command_output_and_message():
+    cmd = ['no-such-program-ave-test', '--flag']
+    with pytest.raises(RunError) as caught:
+        run(cmd)
+    details = caught.value.details
+    assert (details['cmd'], details['out']) == (cmd, ''), details
+    assert 'No such file or directory' in details['message'], details
+
+
+def test_program_that_is_not_executable_raises_run_error(tmp_path):
+    script = tmp_path / 'script'
+    script.write_text('#!/bin/sh\necho never\n')
+    with pytest.raises(RunError, match='Permission denied'):
+        run([str(script)])
+
+
+def test_missing_directory_raises_run_error(tmp_path):
+    with pytest.raises(RunError, match='cannot change directory'):
+        run(['true'], cwd=tmp_path / 'missing')
+
+
+def test_caller_ignoring_sigchld_gets_a_clear_error_with_the_output(restore_signals):
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    # The kernel reaps the command sometimes before run() looks, sometimes after:
+    # repeat so that both orders are likely to be met.
+    for _ in range(20):
+        with pytest.raises(RunError, match='exit status lost') as caught:
+            run(['echo', 'hi'])
+        assert caught.value.out == 'hi\r\n', f'output lost: {caught.value.out!r}'
+
+
+def test_missing_program_is_a_run_error_even_when_sigchld_is_ignored(restore_signals):
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    with pytest.raises(RunError, match='cannot run'):
+        run(['no-such-program-ave-test'])
+
+
+# --- bad arguments ------------------------------------------------------------------
+
+@pytest.mark.parametrize('cmd', [42, None, b'ls', {'ls'}, ['ls', 1], ['ls', b'-l']])
+def test_command_of_the_wrong_type_raises_type_error(cmd):
+    with pytest.raises(TypeError, match='cmd'):
+        run(cmd)
+
+
+@pytest.mark.parametrize('cmd', ['', '   ', [], ['', 'x'], ['echo', 'a\0b']])
+def test_empty_or_unusable_command_raises_value_error(cmd):
+    with pytest.raises(ValueError, match='cmd'):
+        run(cmd)
+
+
+@pytest.mark.parametrize('timeout, error', [
+    (-1, ValueError), (float('inf'), ValueError), (float('nan'), ValueError),
+    ('5', TypeError)])
+def test_bad_timeout_is_refused(timeout, error):
+    with pytest.raises(error, match='timeout'):
+        run(['true'], timeout=timeout)
+
+
+def test_bad_cwd_and_output_file_are_refused():
+    with pytest.raises(TypeError, match='cwd'):
+        run(['true'], cwd=5)
+    with pytest.raises(TypeError, match='output_file'):
+        run(['true'], output_file='out.txt')
+
+
+def test_run_bg_refuses_bad_commands():
+    with pytest.raises(TypeError, match='cmd'):
+        run_bg(42)
+
+
+# --- run_bg -------------------------------------------------------------------------
+
+def read_until_closed(fd: int, within: float = 5.0) -> bytes:
+    data, end = b'', time.monotonic() + within
+    while select.select([fd], [], [], max(0.0, end - time.monotonic()))[0]:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.timeout(10)
+def test_run_bg_gives_the_pid_and_a_pty_carrying_the_output():
+    pid, fd = run_bg(['sh', '-c', 'echo from-background; exit 4'])
+    try:
+        output = read_until_closed(fd)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    assert output == b'from-background\r\n', f'unexpected output {output!r}'
+    assert os.waitstatus_to_exitcode(status) == 4, 'the caller reaps the exit code'
+
+
+def test_run_bg_descriptor_is_not_inherited_by_other_programs():
+    pid, fd = run_bg(['true'])
+    try:
+        assert not os.get_inheritable(fd), 'the pty master would leak into children'
+    finally:
+        os.close(fd)
+        os.waitpid(pid, 0)
+
+
+def test_run_bg_missing_program_raises_run_error():
+    with pytest.raises(RunError, match='cannot run'):
+        run_bg(['no-such-program-ave-test'])
+    assert psutil.Process().children() == [], 'the failed child was not reaped'
+
+
+def test_run_bg_debug_announces_the_pid(capfd):
+    pid, fd = run_bg(['true'], debug=True)
+    os.close(fd)
+    os.waitpid(pid, 0)
+    assert f'pid {pid}' in capfd.readouterr().err, 'debug must name the started pid'
