@@ -23,6 +23,9 @@ from ave.exceptions import AveException, Timeout
 
 _SYNC_TIMEOUT = 30.0
 _SYNC_LIMIT = 1024 * 1024
+# Held back from the fork until the child's own handlers are in place; otherwise a
+# signal sent right after start() would run the parent's handler in the child.
+_DEFERRED_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
 
 
 class StartError(AveException):
@@ -70,11 +73,13 @@ class Process:
         """
         report_needed = synchronize or daemonize
         read_end, write_end = os.pipe2(os.O_CLOEXEC) if report_needed else (-1, -1)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
         pid = os.fork()
         if pid == 0:
             if report_needed:
                 os.close(read_end)
-            self._child_main(daemonize, synchronize, write_end)
+            self._child_main(daemonize, synchronize, write_end, mask)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.daemonized = daemonize
         self.pid = None if daemonize else pid
         if not report_needed:
@@ -134,7 +139,8 @@ class Process:
 
     # -- child side --------------------------------------------------------------------
 
-    def _child_main(self, daemonize: bool, synchronize: bool, report_fd: int) -> None:
+    def _child_main(self, daemonize: bool, synchronize: bool, report_fd: int,
+                    mask: set) -> None:
         """Everything the child does; it never returns into the parent's code."""
         code = 1
         reported = report_fd < 0
@@ -151,6 +157,7 @@ class Process:
             self.close_fds([report_fd] if not reported else [])
             self.redirect()
             self.initialize()
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             if not reported:
                 _send_report(report_fd, {'pid': self.pid})
                 reported = True

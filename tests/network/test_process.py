@@ -300,3 +300,21 @@ def test_child_never_returns_into_parent_code(tmp_path, processes):
     with open(marker, 'a') as out:
         out.write(f'{os.getpid()}\n')
     assert marker.read_text().splitlines() == [str(os.getpid())]
+
+
+def test_sigterm_right_after_start_reaches_the_childs_own_handler(tmp_path, processes):
+    marker = tmp_path / 'handled'
+
+    class Careful(Process):
+        def handle_SIGTERM(self, signum, frame):
+            marker.write_text('mine')
+            os._exit(0)
+
+        def initialize(self):
+            time.sleep(0.2)  # a window in which the parent's handler would be in place
+            super().initialize()
+    process = Careful(target=sleep_forever)
+    processes.append(process)
+    process.start()
+    process.terminate()
+    assert process.join(5) == 0 and marker.read_text() == 'mine'
