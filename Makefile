@@ -15,7 +15,8 @@ $(STAMP): setup.py pyproject.toml native/fdtx.c native/fdtx.h native/build_nativ
 	touch $@
 
 run: install
-	$(BIN)/python examples/hello_control.py
+	$(BIN)/ave-config --create-default
+	$(BIN)/ave-broker --status || $(BIN)/ave-broker --start
 
 test: install
 	$(BIN)/python -m pytest

@@ -33,12 +33,14 @@ class Resource(RemoteControl):
     """A proxy for one allocated item; its methods run in the holder's session.
 
     Calls wait as long as the resource works (a workspace command may run for an
-    hour); only connecting is bounded by the broker client's timeout.
+    hour); only connecting is bounded by the broker client's timeout. A session's
+    listening socket exists before the session runs, so a refused connection means
+    the session is gone: no retrying.
     """
 
     def __init__(self, address: tuple[str, int], authkey: str, profile: dict,
                  timeout: float | None) -> None:
-        super().__init__(address, authkey, timeout)
+        super().__init__(address, authkey, timeout, optimist=False)
         self._resource = profile
         self._reply_timeout = None
 

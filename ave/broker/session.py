@@ -9,6 +9,7 @@ as released once its teardown (relay reset, workspace deletion) has finished.
 from __future__ import annotations
 
 import logging
+import signal
 import socket as socketlib
 from typing import Any, Callable
 
@@ -41,6 +42,9 @@ class Session(Control):
 
     def initialize(self) -> None:
         super().initialize()
+        # Ctrl-C on a foreground broker reaches the whole process group; the session
+        # must not die untidily but end through its broker link, tearing down first.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.add_connection(self.broker, self.authkey)
 
     # -- the broker's side -------------------------------------------------------------
