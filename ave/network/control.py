@@ -395,6 +395,7 @@ class Control(Process):
     def _on_established(self, peer: Peer, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
             self._flush(peer)
+            self._serve_buffered(peer)
         if mask & selectors.EVENT_READ and peer.state == ESTABLISHED:
             payload = self._receive(peer)
             if payload is not None:
@@ -418,8 +419,11 @@ class Control(Process):
             self._serve(peer, payload)
 
     def _serve_buffered(self, peer: Peer) -> None:
-        """Answer requests that arrived in the same read as the previous one."""
-        while peer.state == ESTABLISHED and self.keep_going:
+        """Answer requests that arrived in the same read as the previous one.
+
+        Stops while replies are still unsent: see ``_flush``.
+        """
+        while peer.state == ESTABLISHED and self.keep_going and not peer.writing:
             try:
                 payload = peer.connection.next_frame()
             except ConnectionClosed:
@@ -519,8 +523,10 @@ class Control(Process):
             self._drop(peer)
             return
         if peer.writing == done:
+            # Backpressure: a peer is not read while its replies wait to be sent, so a
+            # client that never reads cannot make the service queue without limit.
             peer.writing = not done
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.writing else 0)
+            events = selectors.EVENT_WRITE if peer.writing else selectors.EVENT_READ
             self._loop().modify(peer.fd, events, peer)
 
     # -- processes ---------------------------------------------------------------------

@@ -5,6 +5,8 @@ a test fails if the bad input cost anyone else their service. Malformed requests
 an exception reply and leave their connection usable; broken or oversize frames close
 that one connection; silence costs nothing but a dropped handshake.
 """
+import hashlib
+import hmac
 import json
 import resource
 import socket
@@ -393,3 +395,37 @@ def test_500_quiet_clients_do_not_delay_a_normal_one(fd_headroom, start_control,
     elapsed = time.monotonic() - began
     assert (result, elapsed < 1.0) == (STILL_SERVING, True), \
         f'with 500 quiet clients a call took {elapsed:.2f} s and returned {result!r}'
+
+
+@pytest.mark.timeout(60)
+def test_client_that_never_reads_replies_cannot_grow_server_memory(start_control, second_client):
+    """Requests pile up in the kernel, not in the service, while replies go unread."""
+    control = start_control()
+    server = psutil.Process(control.pid)
+    sock = socket.create_connection(('127.0.0.1', control.port), timeout=5)
+    decoder = framing.FrameDecoder()
+    while (challenge := decoder.next_frame()) is None:
+        decoder.feed(sock.recv(4096))
+    nonce = challenge[len(b'#CHALLENGE#'):]
+    sock.sendall(framing.encode(hmac.new(b'', nonce, hashlib.sha256).digest()))
+    request = framing.encode(json.dumps({'method': 'echo', 'params': {
+        'vargs': ['x' * 60000], 'kwargs': {}}}))
+    before = server.memory_info().rss
+    sock.setblocking(False)
+    unsent = memoryview(request * 400)
+    deadline = time.monotonic() + 10
+    stalled_since = None
+    while unsent and time.monotonic() < deadline:
+        try:
+            unsent = unsent[sock.send(unsent):]
+            stalled_since = None
+        except BlockingIOError:
+            stalled_since = stalled_since or time.monotonic()
+            if time.monotonic() - stalled_since > 1.0:
+                break  # the service stopped reading: backpressure reached us
+            time.sleep(0.02)
+    assert unsent, 'the service kept reading 24 MB of requests nobody collected'
+    grown = server.memory_info().rss - before
+    sock.close()
+    assert grown < 64 * 2 ** 20, f'server grew by {grown} bytes for an unread client'
+    second_client(control)

@@ -260,11 +260,17 @@ def test_death_signal_kills_child_when_parent_dies(tmp_path, processes):
                       or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE)
 
 
-def test_sigusr1_writes_hickup_and_process_lives_on(home, processes):
-    process = Process(target=sleep_forever, proc_name='ave-hickup')
+def test_sigusr1_writes_hickup_and_process_lives_on(home, tmp_path, processes):
+    running = tmp_path / 'running'
+
+    def sleep_forever_once_marked():
+        running.write_text('yes')
+        sleep_forever()
+    process = Process(target=sleep_forever_once_marked, proc_name='ave-hickup')
     process.home = home
     processes.append(process)
     pid = process.start(synchronize=True)
+    assert wait_until(running.exists), 'the target never started'
     os.kill(pid, signal.SIGUSR1)
     assert wait_until(lambda: len(hickup_files(home)) == 1)
     name = hickup_files(home)[0]
