@@ -221,8 +221,15 @@ def test_child_starts_with_default_signal_handling(restore_signals):
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     _, out = run(['grep', '-E', '^Sig(Blk|Ign)', '/proc/self/status'])
-    assert out.split() == ['SigBlk:', '0' * 16, 'SigIgn:', '0' * 16], \
-        f'the command inherited blocked or ignored signals: {out!r}'
+    masks = dict(line.split(':') for line in out.replace('\t', '').splitlines())
+    touched = (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGTERM,
+               signal.SIGCHLD, signal.SIGUSR1)
+    inherited = [signal.Signals(signum).name for signum in touched
+                 if int(masks['SigBlk'], 16) & (1 << (signum - 1))
+                 or int(masks['SigIgn'], 16) & (1 << (signum - 1))]
+    # Only the signals the caller changed are checked: whatever started the test run
+    # may ignore others (glibc's real-time signals 32 and 33 under some CI harnesses).
+    assert inherited == [], f'the command inherited blocked or ignored {inherited}: {out!r}'
 
 
 def test_works_from_a_thread_other_than_main():
