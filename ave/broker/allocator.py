@@ -34,6 +34,7 @@ class Item:
     holder: Holder | None = None
     releasing: bool = False
     present: bool = True
+    tainted: bool = True
 
 
 @dataclass
@@ -215,13 +216,16 @@ class Allocator:
         item.holder = None
         item.releasing = True
 
-    def finish_release(self, key: Key) -> None:
-        """The item was reset: available again (or forgotten, if it was on demand or gone)."""
+    def finish_release(self, key: Key, clean: bool = False) -> None:
+        """The holder's session ended or let go: available again (or forgotten, if it
+        was on demand or gone). ``clean`` says its teardown was seen to finish, so the
+        next holder need not reset it first."""
         item = self.items.get(key)
         if item is None:
             return
         item.holder = None
         item.releasing = False
+        item.tainted = not clean
         if not item.present or self._type(key[0]).on_demand:
             del self.items[key]
 

@@ -89,7 +89,8 @@ class BrokerServer(Control):
         for item in items:
             key = self.allocator.key_of(item.profile)
             session.keys.add(key)
-            self.notify(session.link, 'add_resource', dict(item.profile), item.settings)
+            self.notify(session.link, 'add_resource', dict(item.profile), item.settings,
+                        item.tainted)
         return {'session': [None, session.port], 'authkey': session.authkey,
                 'resources': [dict(item.profile) for item in items]}
 
@@ -174,7 +175,7 @@ class BrokerServer(Control):
             raise AuthError('only sessions report released equipment')
         key = self.allocator.key_of(profile)
         record.keys.discard(key)
-        self.allocator.finish_release(key)
+        self.allocator.finish_release(key, clean=True)
 
     # -- clients and sessions ----------------------------------------------------------
 

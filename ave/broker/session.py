@@ -50,7 +50,7 @@ class Session(Control):
     # -- the broker's side -------------------------------------------------------------
 
     @Control.rpc
-    def add_resource(self, profile: dict, settings: dict) -> None:
+    def add_resource(self, profile: dict, settings: dict, tainted: bool = True) -> None:
         """Instantiate and set up an allocated item (called one-way by the broker)."""
         self._require_broker()
         key = self._key_of(profile)
@@ -58,7 +58,7 @@ class Session(Control):
             equipment_type = self.types[profile['type']]
             resource = equipment_type.resource_class(
                 equipment_type.profile_class(profile), settings)
-            resource._setup()
+            resource._setup(tainted)
         except Exception as error:
             log.exception('could not set up %s', key)
             self.failures[key] = details_of(error)
@@ -114,7 +114,7 @@ class Session(Control):
 
     def lost_connection(self, connection: Connection, authkey: str | None) -> None:
         """Without its broker nobody accounts for the equipment: hand it all back."""
-        if connection is self.broker:
+        if connection is self.broker and self.keep_going:
             log.warning('broker connection lost; ending the session')
             self.shutdown()
 

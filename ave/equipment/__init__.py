@@ -31,10 +31,12 @@ class Resource:
         """The item's profile as the broker knows it."""
         return dict(self._profile)
 
-    def _setup(self) -> None:
+    def _setup(self, tainted: bool = True) -> None:
         """Prepare the item for its new holder; runs in the session, off the broker loop.
 
-        The default has nothing to prepare.
+        ``tainted`` is False only when the broker saw the previous holder's teardown
+        finish, so the item is known to be in its resting state; after a broker start
+        or a crashed session it is True. The default has nothing to prepare.
         """
 
     def _teardown(self) -> None:

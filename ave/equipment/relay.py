@@ -108,16 +108,20 @@ class Relay(Resource):
         """Each circuit's state as last switched: 'open', 'closed' or 'unknown'."""
         return dict(self._states)
 
-    def _setup(self) -> None:
-        """Reset before the new holder starts.
+    def _setup(self, tainted: bool = True) -> None:
+        """Reset before the new holder starts, unless the last release already did.
 
-        Release already resets, but a session that crashed never got to, and nothing
-        resets a relay before its first allocation after the broker starts. Resetting
-        here too means a job always starts from the defaults and knows every
-        circuit's state; a relay that cannot be reset fails the allocation loudly
-        rather than leaving the job on a power line in an unknown state.
+        A session that crashed never reset its relay, and nothing resets a relay
+        before its first allocation after the broker starts: those allocations come
+        ``tainted`` and reset here, so a job always starts from the defaults and a
+        relay that cannot be reset fails the allocation loudly. After a clean release
+        the circuits are known to be at their defaults and the commands are not run
+        a second time.
         """
-        self.reset()
+        if tainted:
+            self.reset()
+            return
+        self._states = {name: circuit['default'] for name, circuit in self._circuits.items()}
 
     def _teardown(self) -> None:
         """Reset on release so the next holder finds every circuit at its default."""

@@ -94,8 +94,11 @@ class Workspace(Resource):
 
     # --- life cycle (session only) -----------------------------------------------
 
-    def _setup(self) -> None:
-        """Create the workspace directory, private to the account running AVE."""
+    def _setup(self, tainted: bool = True) -> None:
+        """Create the workspace directory, private to the account running AVE.
+
+        Every workspace is new, so what happened to earlier ones does not matter.
+        """
         os.makedirs(os.path.dirname(self._path), exist_ok=True)
         try:
             os.mkdir(self._path, 0o700)

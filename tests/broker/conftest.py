@@ -45,6 +45,7 @@ from ave.network.connection import find_free_port
 
 CLI = [sys.executable, '-m', 'ave.broker.cli']
 CLI_TIMEOUT = 30.0
+PORT_RETRIES = 3
 STOP_GRACE = 15.0
 
 
@@ -61,6 +62,7 @@ class BrokerHome:
         config.create_default(home)
         self.host = broker_json.get('host', '127.0.0.1')
         self.port = broker_json.get('port')
+        self.port_was_picked = False
         self.write_broker_json(broker_json)
         keys = config.load_authkeys(home)
         self.admin_key = keys['admin']
@@ -81,6 +83,7 @@ class BrokerHome:
         return os.path.join(config.config_dir(self.home), name)
 
     def write_broker_json(self, content: dict) -> None:
+        self.broker_json = dict(content)
         self.write_config(self.config_path('broker.json'), json.dumps(content, indent=2))
 
     @staticmethod
@@ -105,8 +108,18 @@ class BrokerHome:
         return process
 
     def start(self) -> BrokerHome:
-        """``--start`` the broker; the test fails here, showing stderr, if it cannot."""
+        """``--start`` the broker; the test fails here, showing stderr, if it cannot.
+
+        A port the fixture picked can be taken by someone else's connection between
+        the pick and the bind; then another port is tried, a few times at most.
+        """
         result = self.cli('--start')
+        for _ in range(PORT_RETRIES):
+            if not (self.port_was_picked and 'Address already in use' in result.stderr):
+                break
+            self.port = free_port()
+            self.write_broker_json({**self.broker_json, 'port': self.port})
+            result = self.cli('--start')
         assert result.returncode == 0, f'ave-broker --start failed: {result.stderr}'
         self.pid = int(result.stdout)
         return self
@@ -168,10 +181,23 @@ def _kill(process: psutil.Process) -> None:
 
 
 def free_port() -> int:
-    """A port nobody listens on right now (it is released for the broker to bind)."""
-    sock, port = find_free_port(listen=False)
+    """A port nobody listens on right now (it is released for the broker to bind).
+
+    Picked above the kernel's range for outgoing connections where there is room, so
+    the clients of other tests cannot take it before the broker binds it.
+    """
+    sock, port = find_free_port(start=_above_ephemeral_range(), listen=False)
     sock.close()
     return port
+
+
+def _above_ephemeral_range() -> int:
+    try:
+        with open('/proc/sys/net/ipv4/ip_local_port_range', encoding='ascii') as stream:
+            highest = int(stream.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 49152
+    return highest + 1 if highest < 65000 else 49152
 
 
 @pytest.fixture
@@ -191,6 +217,7 @@ def broker_home(tmp_path):
         if stacks:
             content['stacks'] = list(stacks)
         home = BrokerHome(str(tmp_path / f'home{len(homes)}'), content)
+        home.port_was_picked = 'port' not in broker_json
         homes.append(home)
         return home
 

@@ -230,3 +230,21 @@ def test_search_is_bounded_on_hopeless_requests(types):
     request = [{'type': 'relay'}] * 13
     with pytest.raises(NoSuch):
         allocator.allocate('a', request)
+
+
+def test_items_start_tainted_and_clean_release_untaints(types):
+    allocator = make(types, [relay('r1')])
+    [item] = allocator.allocate('a', [{'type': 'relay'}])
+    assert item.tainted, 'nobody has seen the state of equipment the broker just met'
+    allocator.begin_release(('relay', 'r1'))
+    allocator.finish_release(('relay', 'r1'), clean=True)
+    assert not allocator.items[('relay', 'r1')].tainted
+
+
+def test_release_without_confirmed_teardown_taints(types):
+    allocator = make(types, [relay('r1')])
+    allocator.allocate('a', [{'type': 'relay'}])
+    allocator.finish_release(('relay', 'r1'), clean=True)
+    allocator.allocate('a', [{'type': 'relay'}])
+    allocator.finish_release(('relay', 'r1'))
+    assert allocator.items[('relay', 'r1')].tainted

@@ -444,3 +444,28 @@ def test_broker_survives_a_client_sending_garbage(lab):
         sock.sendall(b'\xff\xff\xff\xff garbage')
         sock.recv(100)
     assert lab.client().get({'type': 'relay', 'uid': 'r1'}).get_profile()['uid'] == 'r1'
+
+
+def test_cleanly_released_relay_is_not_reset_twice(lab):
+    client = lab.client()
+    r1 = client.get({'type': 'relay', 'uid': 'r1'})
+    r1.get_profile()
+    client.yield_resources(r1)
+    admin = lab.client(lab.admin_key)
+    assert wait_until(lambda: 'r1' in uids(admin.list_available()))
+    (lab.state / 'r1.c1').write_text('untouched\n')
+    again = lab.client().get({'type': 'relay', 'uid': 'r1'})
+    assert again.get_circuits() == {'c1': 'open'}
+    assert (lab.state / 'r1.c1').read_text() == 'untouched\n', \
+        'a relay whose release reset it must not be reset again on allocation'
+
+
+def test_relay_of_a_crashed_session_is_reset_for_the_next_holder(lab):
+    r1 = lab.client().get({'type': 'relay', 'uid': 'r1'})
+    r1.set_circuit('c1', True)
+    sessions_of(lab)[0].kill()
+    admin = lab.client(lab.admin_key)
+    assert wait_until(lambda: 'r1' in uids(admin.list_available()), timeout=2)
+    lab.client().get({'type': 'relay', 'uid': 'r1'}).get_profile()
+    assert (lab.state / 'r1.c1').read_text().strip() == 'open', \
+        'nobody reset the relay of a killed session: its next holder must'

@@ -369,3 +369,12 @@ def test_setup_resets_so_a_new_holder_starts_from_defaults(entry, states):
     relay._setup()
     found = {name: state_of(path) for name, path in states.items()}
     assert found == {'usb.pc.vcc': 'closed', 'battery': 'open', 'reset': 'open'}, found
+
+
+def test_setup_after_a_clean_release_runs_no_commands(entry, states):
+    relay = make_relay(entry)
+    relay._setup(tainted=False)
+    assert not any(os.path.exists(path) for path in states.values()), \
+        'a relay released cleanly is at its defaults: nothing may be switched again'
+    assert relay.get_circuits() == {'usb.pc.vcc': 'closed', 'battery': 'open',
+                                    'reset': 'open'}
