@@ -152,17 +152,48 @@ class Connection:
 
     def read(self, size: int) -> bytes:
         """Receive up to ``size`` bytes; ConnectionClosed when the peer has gone."""
+        data = self._recv(size)
+        if data is None:
+            raise ConnectionAgain()
+        return data
+
+    def _recv(self, size: int) -> bytes | None:
+        """Like ``read`` but None, not an exception, when nothing is there yet."""
         if self.socket is None:
             raise ConnectionClosed()
         try:
             data = self.socket.recv(size)
         except (BlockingIOError, InterruptedError):
-            raise ConnectionAgain()
+            return None
         except OSError as error:
             raise _translate(error)
         if not data:
             raise ConnectionClosed()
         return data
+
+    def _send_frame(self, payload: bytes | str) -> bool:
+        """Send one frame at once if nothing is queued, queueing what the kernel
+        refuses; True when all of it went out. The header and the payload leave in
+        one gathering ``sendmsg``, so a large payload is not copied to be framed."""
+        if self._outbox:
+            self.queue(payload)
+            return self.flush()
+        header, data = framing.split_encode(payload, self.limit)
+        if self.socket is None:
+            raise ConnectionClosed()
+        try:
+            sent = self.socket.sendmsg([header, data])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as error:
+            raise _translate(error)
+        if sent == len(header) + len(data):
+            return True
+        if sent < len(header):
+            self._outbox += header[sent:]
+            sent = len(header)
+        self._outbox += memoryview(data)[sent - len(header):]
+        return False
 
     def queue(self, payload: bytes | str) -> None:
         """Frame ``payload`` and append it to the output, without sending anything."""
@@ -188,8 +219,7 @@ class Connection:
         Raises ConnectionAgain when part of the output is still queued: the frame is
         kept, so the caller only has to call ``flush()`` once the socket is writable.
         """
-        self.queue(payload)
-        if not self.flush():
+        if not self._send_frame(payload):
             raise ConnectionAgain()
 
     def next_frame(self) -> bytes | None:
@@ -205,12 +235,15 @@ class Connection:
         frame = self.next_frame()
         if frame is not None:
             return frame
+        data = self._recv(self._read_size())
+        return None if data is None else self._take(data)
+
+    def _take(self, data: bytes) -> bytes | None:
         try:
-            data = self.read(self._read_size())
-        except ConnectionAgain:
-            return None
-        self._decoder.feed(data)
-        return self.next_frame()
+            return self._decoder.feed_and_next(data)
+        except framing.FrameTooLarge as error:
+            self.close()
+            raise ConnectionClosed(str(error))
 
     def _read_size(self) -> int:
         wanted = self._decoder.wanted()
@@ -312,18 +345,25 @@ class BlockingConnection(Connection):
 
     def put(self, payload: bytes | str, timeout: float | None = None) -> None:
         """Send one whole frame within ``timeout``."""
-        self.queue(payload)
-        data, self._outbox = self._outbox, bytearray()
-        self.write(data, timeout)
+        if not self._send_frame(payload):
+            rest, self._outbox = self._outbox, bytearray()
+            self.write(rest, timeout)
 
     def get(self, timeout: float | None = None) -> bytes:
-        """Wait up to ``timeout`` for the next whole frame (ConnectionTimeout if none)."""
+        """Wait up to ``timeout`` for the next whole frame (ConnectionTimeout if none).
+
+        The socket is read first and polled only when it has nothing: a reply that is
+        already there costs one system call.
+        """
+        frame = self.next_frame()
         deadline = _deadline(timeout)
-        while True:
-            frame = self.next_frame()
-            if frame is not None:
-                return frame
-            self._decoder.feed(self.read(self._read_size(), _remaining(deadline)))
+        while frame is None:
+            data = self._recv(self._read_size())
+            if data is None:
+                self._wait(select.POLLIN, deadline)
+            else:
+                frame = self._take(data)
+        return frame
 
     def _wait(self, mask: int, deadline: float | None) -> None:
         if self._poller is None:

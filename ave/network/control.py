@@ -50,6 +50,8 @@ WATCHED = 'watched'
 JOINING = 'joining'
 WAKING = 'waking'
 
+NO_ACCOUNTS: frozenset[str] = frozenset()  # shared: thousands of peers hold no account
+
 log = logginglib.getLogger(__name__)
 
 
@@ -57,8 +59,14 @@ log = logginglib.getLogger(__name__)
 # They only mark the function, so they stack in any order.
 
 def rpc(function: Callable) -> Callable:
-    """Make a Control method callable over the network."""
+    """Make a Control method callable over the network.
+
+    The access marks are given defaults here so that checking them on every call is
+    a plain attribute hit: a ``getattr`` that misses raises and catches internally.
+    """
     function.ave_rpc = True
+    function.__dict__.setdefault('ave_auth', False)
+    function.__dict__.setdefault('ave_preauth', None)
     return function
 
 
@@ -97,7 +105,7 @@ class Peer:
         self.deadline = 0.0
         self.authkey: str | None = None
         self.primary = False
-        self.accounts: frozenset[str] = frozenset()
+        self.accounts: frozenset[str] = NO_ACCOUNTS
 
     @property
     def authenticated(self) -> bool:
@@ -321,7 +329,8 @@ class Control(Process):
         """Match the digest against every key; a wrong key still connects, unprivileged."""
         primary = _digest_matches(self.authkey, peer.challenge, digest)
         accounts = frozenset(name for name, key in self.alt_keys.items()
-                             if key and _digest_matches(key, peer.challenge, digest))
+                             if key and _digest_matches(key, peer.challenge, digest)
+                             ) or NO_ACCOUNTS
         peer.primary = primary
         peer.accounts = accounts
         peer.authkey = self.authkey if primary else (
@@ -509,10 +518,16 @@ class Control(Process):
         if peer.state is None:
             return
         try:
-            peer.connection.queue(payload)
+            peer.connection.put(payload)
+        except ConnectionAgain:
+            pass  # the rest is queued; _flush below asks for writability
         except framing.FrameTooLarge as error:
             peer.connection.queue(json.dumps(
                 {'exception': details_of(AveException(str(error)))}))
+        except (ConnectionClosed, OSError) as error:
+            log.debug('%s gone while writing: %s', peer.connection, error)
+            self._drop(peer)
+            return
         self._flush(peer)
 
     def _flush(self, peer: Peer) -> None:

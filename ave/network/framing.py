@@ -23,11 +23,18 @@ class FrameTooLarge(ValueError):
 
 def encode(payload: bytes | bytearray | str, limit: int = DEFAULT_LIMIT) -> bytes:
     """One frame carrying ``payload`` (str is UTF-8 encoded); refuse what no peer takes."""
+    header, payload = split_encode(payload, limit)
+    return header + payload
+
+
+def split_encode(payload: bytes | bytearray | str,
+                 limit: int = DEFAULT_LIMIT) -> tuple[bytes, bytes | bytearray]:
+    """The frame as (header, payload), for a gathering send that copies neither."""
     if isinstance(payload, str):
         payload = payload.encode('utf-8')
     if len(payload) > limit:
         raise FrameTooLarge(f'frame of {len(payload)} bytes exceeds the limit of {limit}')
-    return HEADER.pack(len(payload)) + payload
+    return HEADER.pack(len(payload)), payload
 
 
 class FrameDecoder:
@@ -41,6 +48,19 @@ class FrameDecoder:
     def feed(self, data: bytes) -> None:
         """Add bytes as they arrived from the peer, in any split."""
         self._buffer += data
+
+    def feed_and_next(self, data: bytes) -> bytes | None:
+        """``feed(data)`` then ``next_frame()``, with a shortcut for the usual case.
+
+        A chunk that is exactly one frame, arriving while nothing is buffered, is
+        returned as a slice of itself: it never passes through the buffer.
+        """
+        if self._expected is None and not self._buffer and len(data) >= HEADER.size:
+            (size,) = HEADER.unpack_from(data)
+            if size == len(data) - HEADER.size and size <= self.limit:
+                return data[HEADER.size:]
+        self._buffer += data
+        return self.next_frame()
 
     def next_frame(self) -> bytes | None:
         """Return the next whole payload, or None until one has fully arrived.
@@ -59,8 +79,12 @@ class FrameDecoder:
             self._expected = size
         if len(self._buffer) < self._expected:
             return None
-        payload = bytes(self._buffer[:self._expected])
-        del self._buffer[:self._expected]
+        if len(self._buffer) == self._expected:  # one copy, not a slice and a copy
+            payload = bytes(self._buffer)
+            self._buffer.clear()
+        else:
+            payload = bytes(self._buffer[:self._expected])
+            del self._buffer[:self._expected]
         self._expected = None
         return payload
 

@@ -83,3 +83,28 @@ def test_pending_reencodes_partial_frame_for_handover():
     successor = framing.FrameDecoder()
     successor.feed(decoder.pending() + framing.encode(b'partial')[7:])
     assert successor.next_frame() == b'partial', 'a handed-over partial frame must complete'
+
+
+def test_feed_and_next_returns_a_chunk_that_is_exactly_one_frame():
+    decoder = framing.FrameDecoder()
+    assert decoder.feed_and_next(framing.encode(b'whole')) == b'whole'
+    assert decoder.pending() == b'', 'nothing may stay buffered'
+
+
+def test_feed_and_next_buffers_whatever_is_not_one_whole_frame():
+    decoder = framing.FrameDecoder()
+    wire = framing.encode(b'one') + framing.encode(b'two')
+    assert decoder.feed_and_next(wire[:5]) is None
+    assert decoder.feed_and_next(wire[5:]) == b'one'
+    assert decoder.next_frame() == b'two'
+
+
+def test_feed_and_next_still_refuses_oversize_frames():
+    decoder = framing.FrameDecoder(limit=4)
+    with pytest.raises(framing.FrameTooLarge):
+        decoder.feed_and_next(framing.encode(b'12345', limit=10))
+
+
+def test_split_encode_matches_encode():
+    header, payload = framing.split_encode('ab')
+    assert header + payload == framing.encode('ab')
