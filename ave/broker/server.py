@@ -168,14 +168,18 @@ class BrokerServer(Control):
     # -- session reports ---------------------------------------------------------------
 
     @Control.rpc
-    def released(self, profile: dict) -> None:
-        """A session finished tearing an item down (one-way, sessions only)."""
+    def released(self, profile: dict, clean: bool = True) -> None:
+        """A session finished tearing an item down (one-way, sessions only).
+
+        ``clean`` is False when the teardown failed: the next holder's session then
+        resets the item before handing it over.
+        """
         record = self.links.get(self.caller.connection)
         if record is None:
             raise AuthError('only sessions report released equipment')
         key = self.allocator.key_of(profile)
         record.keys.discard(key)
-        self.allocator.finish_release(key, clean=True)
+        self.allocator.finish_release(key, clean=clean is True)
 
     # -- clients and sessions ----------------------------------------------------------
 

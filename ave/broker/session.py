@@ -17,6 +17,7 @@ from ave.broker.exceptions import NotAllocated
 from ave.equipment import EquipmentType, Resource
 from ave.exceptions import AuthError, AveException, details_of
 from ave.network.connection import Connection
+from ave.network.exceptions import ConnectionClosed
 from ave.network.control import Control
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,15 @@ class Session(Control):
         key = self._key_of(profile)
         self.failures.pop(key, None)
         resource = self.resources.pop(key, None)
-        if resource is not None:
-            _teardown(resource)
-        self.notify(self.broker, 'released', profile)
+        clean = resource is not None and _teardown(resource)
+        self._report_released(profile, clean)
+
+    def _report_released(self, profile: dict, clean: bool) -> None:
+        """Tell the broker an item is free, and whether its teardown succeeded."""
+        try:
+            self.notify(self.broker, 'released', profile, clean)
+        except ConnectionClosed:
+            log.warning('broker gone: could not report %s released', profile)
 
     def _require_broker(self) -> None:
         if self.caller is None or self.caller.connection is not self.broker:
@@ -123,13 +130,16 @@ class Session(Control):
         if not self.keep_going:
             return
         for resource in list(self.resources.values()):
-            _teardown(resource)
+            self._report_released(resource.get_profile(), _teardown(resource))
         self.resources.clear()
         super().shutdown(details or 'the session has ended')
 
 
-def _teardown(resource: Resource) -> None:
+def _teardown(resource: Resource) -> bool:
+    """Tear a resource down; False (and a log entry) if that failed."""
     try:
         resource._teardown()
     except Exception:
         log.exception('teardown of %s failed', resource.get_profile())
+        return False
+    return True

@@ -469,3 +469,38 @@ def test_relay_of_a_crashed_session_is_reset_for_the_next_holder(lab):
     lab.client().get({'type': 'relay', 'uid': 'r1'}).get_profile()
     assert (lab.state / 'r1.c1').read_text().strip() == 'open', \
         'nobody reset the relay of a killed session: its next holder must'
+
+
+def test_relay_of_a_departed_client_is_not_reset_twice(lab):
+    client = Broker(lab.address)
+    client.get({'type': 'relay', 'uid': 'r1'}).set_circuit('c1', True)
+    del client
+    admin = lab.client(lab.admin_key)
+    assert wait_until(lambda: 'r1' in uids(admin.list_available()), timeout=2)
+    assert (lab.state / 'r1.c1').read_text().strip() == 'open', 'release must reset'
+    (lab.state / 'r1.c1').write_text('untouched\n')
+    lab.client().get({'type': 'relay', 'uid': 'r1'}).get_profile()
+    assert (lab.state / 'r1.c1').read_text() == 'untouched\n', \
+        'the departed client\'s session reset the relay: the next holder need not'
+
+
+def test_relay_whose_reset_failed_is_reset_for_the_next_holder(start_broker, tmp_path):
+    state = tmp_path / 'state'
+    state.mkdir()
+    flaky = relay('r1', state)
+    gate = tmp_path / 'broken'
+    flaky['circuits']['c1']['open'] = [
+        'sh', '-c', f'test ! -e {gate} && echo open > {state}/r1.c1']
+    lab = start_broker(equipment=[flaky])
+    client = lab.client()
+    r1 = client.get({'type': 'relay', 'uid': 'r1'})
+    r1.get_profile()
+    gate.write_text('x')
+    client.yield_resources(r1)
+    admin = lab.client(lab.admin_key)
+    assert wait_until(lambda: 'r1' in uids(admin.list_available()))
+    gate.unlink()
+    (state / 'r1.c1').write_text('stale\n')
+    lab.client().get({'type': 'relay', 'uid': 'r1'}).get_profile()
+    assert (state / 'r1.c1').read_text().strip() == 'open', \
+        'a relay whose reset failed must be reset before its next holder gets it'
