@@ -2,12 +2,12 @@
 line-based messages between them, percentiles and plain-text tables.
 
 A benchmark forks servers and clients and may be interrupted at any point; every
-child therefore dies with its parent (``PR_SET_PDEATHSIG``), carries an alarm as a
-last resort, and is registered so that one ``finally`` can stop and reap it.
+child therefore dies with its parent (``PR_SET_PDEATHSIG``, set through AVE's own
+``ave._native``), carries an alarm as a last resort, and is registered so that one
+``finally`` can stop and reap it.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -19,7 +19,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-PR_SET_PDEATHSIG = 1
+from ave._native import ffi, lib
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -30,15 +30,16 @@ def raise_fd_limit() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def die_with_parent() -> None:
-    """Ask the kernel to kill this process when the process that forked it ends.
+def die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when ``parent``, which forked it, ends.
 
     Covers the one case ``finally`` cannot: the benchmark itself being SIGKILLed.
+    ``parent`` must be taken before the fork: a parent that died before the request
+    took effect never triggers it, and ``os.getppid()`` read in the child could already
+    name the process that adopted it.
     """
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), 'prctl(PR_SET_PDEATHSIG) failed')
+    if lib.ave_set_death_signal(signal.SIGKILL) != 0:
+        raise OSError(ffi.errno, os.strerror(ffi.errno))
     if os.getppid() != parent:  # the parent ended before the request took effect
         os._exit(1)
 
@@ -52,13 +53,14 @@ class Children:
 
     def fork(self, function: Callable[..., Any], *args: Any) -> int:
         """Run ``function(*args)`` in a child; the child never returns into our code."""
+        parent = os.getpid()
         pid = os.fork()
         if pid != 0:
             self.pids.append(pid)
             return pid
         code = 1
         try:
-            prepare_child(self.lifetime)
+            prepare_child(self.lifetime, parent)
             function(*args)
             code = 0
         except BaseException:  # the child reports anything and exits, never unwinds
@@ -101,11 +103,11 @@ class Children:
             self.pids.remove(pid)
 
 
-def prepare_child(lifetime: float) -> None:
+def prepare_child(lifetime: float, parent: int) -> None:
     """Make a fresh child mortal: Ctrl-C kills it quietly, and so do our death or the alarm."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    die_with_parent()
+    die_with_parent(parent)
     signal.alarm(max(1, int(lifetime)))
 
 
@@ -154,9 +156,15 @@ def receive_message(fd: int, timeout: float) -> Any:
             raise TimeoutError(f'no message within {timeout:.0f} s')
         chunk = os.read(fd, 65536)
         if not chunk:
-            raise EOFError('the child exited without a message')
+            raise EOFError('a child exited without a message '
+                           '(its traceback, if any, is above)')
         data += chunk
     return json.loads(data)
+
+
+def describe(error: BaseException) -> str:
+    """An exception as one line for a report: its type and its message."""
+    return f'{type(error).__name__}: {error}'
 
 
 def percentile(samples: list[float], fraction: float) -> float:

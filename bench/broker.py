@@ -29,22 +29,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import importlib.metadata
-import json
 import logging
-import math
 import os
 import platform
 import re
-import select
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, NamedTuple
@@ -58,6 +53,9 @@ from ave.broker.server import BrokerServer
 from ave.equipment import load_types
 from ave.exceptions import Timeout
 
+from _common import (Children, describe, die_with_parent, percentile, receive_message,
+                     render_table, send_message)
+
 HOST = '127.0.0.1'
 POOL = 8                    # relays in the broker, places in the coordinator
 CLIENTS = 8                 # concurrent client processes in the contended runs
@@ -65,7 +63,6 @@ PROFILES = {'relay': {'type': 'relay'}, 'workspace': {'type': 'workspace'}}
 STOP_TIMEOUT = 10.0
 START_TIMEOUT = 30.0
 REPORT_MARGIN = 30.0        # a client reports this long after its work should be done
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -110,90 +107,7 @@ class Latency:
     busy: int
 
 
-# -- children ----------------------------------------------------------------------
-
-def die_with_parent() -> None:
-    """Make the calling (child) process die with the benchmark, even a SIGKILLed one."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), 'prctl(PR_SET_PDEATHSIG) failed')
-
-
-class Children:
-    """The client processes forked here, so that one ``finally`` can stop and reap them."""
-
-    def __init__(self, lifetime: float) -> None:
-        self.lifetime = lifetime
-        self.pids: list[int] = []
-
-    def fork(self, function: Callable[..., Any], *args: Any) -> int:
-        """Run ``function(*args)`` in a child that exits when it returns or fails."""
-        pid = os.fork()
-        if pid:
-            self.pids.append(pid)
-            return pid
-        code = 1
-        try:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            die_with_parent()
-            signal.alarm(int(self.lifetime))
-            function(*args)
-            code = 0
-        except BaseException:  # a child reports anything, and never unwinds into main
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-
-    def reap(self, pid: int, timeout: float = STOP_TIMEOUT) -> None:
-        """Wait for ``pid`` to exit; SIGKILL it if it will not."""
-        if not _wait_child(pid, timeout):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        self.pids.remove(pid)
-
-    def stop_all(self) -> None:
-        for pid in self.pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        for pid in list(self.pids):
-            self.reap(pid)
-
-
-def _wait_child(pid: int, timeout: float) -> bool:
-    """Reap ``pid`` if it ends within ``timeout``; False if it still runs."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return True
-        if done or time.monotonic() >= deadline:
-            return bool(done)
-        time.sleep(0.01)
-
-
-def send(fd: int, message: Any) -> None:
-    os.write(fd, json.dumps(message).encode() + b'\n')
-
-
-def receive(fd: int, timeout: float) -> Any:
-    """One line of JSON from a child, within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    data = b''
-    while not data.endswith(b'\n'):
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            raise TimeoutError(f'no report from a client within {timeout:.0f} s')
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            raise EOFError('a client exited without reporting (its traceback is above)')
-        data += chunk
-    return json.loads(data)
-
+# -- clients -----------------------------------------------------------------------
 
 def run_clients(children: Children, plan: Plan, count: int, body: Callable[..., dict],
                 *args: Any) -> list[dict]:
@@ -212,17 +126,18 @@ def run_clients(children: Children, plan: Plan, count: int, body: Callable[..., 
             os.close(report_write)
             clients.append((pid, report_read))
         for _, report in clients:
-            _checked(receive(report, START_TIMEOUT))
+            _checked(receive_message(report, START_TIMEOUT))
         os.close(go_write)  # every client sees end-of-file at once: go
         go_write = -1
-        return [_checked(receive(report, plan.client_timeout)) for _, report in clients]
+        return [_checked(receive_message(report, plan.client_timeout))
+                for _, report in clients]
     finally:
         for fd in (go_read, go_write):
             if fd >= 0:
                 os.close(fd)
         for pid, report in clients:
             os.close(report)
-            children.reap(pid)
+            children.wait(pid, STOP_TIMEOUT)
 
 
 def _client_main(body: Callable[..., dict], index: int, go_read: int, go_write: int,
@@ -230,15 +145,15 @@ def _client_main(body: Callable[..., dict], index: int, go_read: int, go_write: 
     os.close(go_write)
 
     def start() -> None:
-        send(report, {'ready': True})
+        send_message(report, {'ready': True})
         os.read(go_read, 1)  # returns empty once the parent closed its end
 
     try:
         result = body(index, start, *args)
     except Exception as error:  # the parent raises it; Children.fork prints the trace
-        send(report, {'error': describe(error)})
+        send_message(report, {'error': describe(error)})
         raise
-    send(report, result)
+    send_message(report, result)
 
 
 def _checked(message: dict) -> dict:
@@ -266,15 +181,6 @@ def rate_of(reports: list[dict]) -> Rate:
     cycles = sum(report['cycles'] for report in reports)
     elapsed = max(report['elapsed'] for report in reports)
     return Rate(cycles, sum(report['busy'] for report in reports), cycles / elapsed)
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    """Nearest rank: a value that was measured, never an interpolation."""
-    if not samples:
-        raise ValueError('no samples: every attempt was answered Busy')
-    ordered = sorted(samples)
-    rank = max(1, math.ceil(fraction * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
 
 
 # -- AVE ---------------------------------------------------------------------------
@@ -403,7 +309,8 @@ def start_coordinator(directory: str) -> tuple[subprocess.Popen, str]:
     with open(output, 'wb') as sink:
         process = subprocess.Popen([command, '--listen', f'{HOST}:0'], cwd=directory,
                                    stdin=subprocess.DEVNULL, stdout=sink,
-                                   stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+                                   stderr=subprocess.STDOUT,
+                                   preexec_fn=partial(die_with_parent, os.getpid()))
     try:
         return process, _await_listening(process, output)
     except BaseException:
@@ -616,12 +523,10 @@ def latency(rounds: list[list[dict]]) -> Latency:
     """Percentiles over the samples of every round together."""
     reports = [report for reports in rounds for report in reports]
     samples = [sample for report in reports for sample in report['samples']]
+    if not samples:
+        raise ValueError('no samples: every attempt was answered Busy')
     return Latency(percentile(samples, 0.50), percentile(samples, 0.99), len(samples),
                    sum(report['busy'] for report in reports))
-
-
-def describe(error: BaseException) -> str:
-    return f'{type(error).__name__}: {error}'
 
 
 # -- the table ---------------------------------------------------------------------
@@ -679,17 +584,6 @@ def table_rows(results: dict[str, list[list[dict]]]) -> list[list[str]]:
     return rows
 
 
-def render(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        rest = (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:]))
-        return '  '.join([cells[0].ljust(widths[0]), *rest]).rstrip()
-
-    rule = '  '.join('-' * width for width in widths)
-    return '\n'.join([line(header), rule, *(line(row) for row in rows)])
-
-
 NOTES = """\
 AVE cycle: get + get_profile() on the resource + yield_resources; labgrid cycle: acquire +
 release of an idle place through its Python client API (no process start). Rates: the
@@ -710,7 +604,7 @@ def report(plan: Plan, results: dict[str, list[list[dict]]], problem: str | None
              f'CPUs (load average {os.getloadavg()[0]:.1f} at the end), labgrid '
              f'{version or "n/a"}; {plan.rounds} round(s), each rate {plan.seconds:g} s '
              f'or {plan.max_cycles:,} cycles, {plan.new_clients} new clients per latency.',
-             '', render(header, table_rows(results)), '', NOTES]
+             '', render_table(header, table_rows(results)), '', NOTES]
     if problem:
         lines += ['', f'labgrid: n/a because {problem}']
     return '\n'.join(lines)

@@ -30,6 +30,8 @@ import pexpect
 
 import ave.cmd
 
+from _common import render_table
+
 Runner = Callable[[list[str]], tuple[int, str]]
 
 ROUNDS, ROUND_SECONDS = 100, 10.0   # `true` row: one call of each runner per round
@@ -144,16 +146,13 @@ def make_file(directory: str) -> tuple[str, int]:
 def print_table(rows: list[tuple[str, dict[str, str], bool]]) -> None:
     names = list(RUNNERS)
     header = ['', *names, 'ave vs pexpect', 'subprocess vs pexpect']
-    lines = [header]
+    lines = []
     for label, figures, lower_is_better in rows:
         ratios = [speedup(figures[name], figures['pexpect.run'], lower_is_better)
                   for name in ('ave.cmd.run', 'subprocess+pty')]
         lines.append([label, *(figures[name] for name in names),
                       *(f'{ratio:.1f}x' for ratio in ratios)])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for line in lines:
-        print('  '.join(cell.rjust(width) if i else cell.ljust(width)
-                        for i, (cell, width) in enumerate(zip(line, widths))))
+    print(render_table(header, lines))
     met = all(speedup(f['ave.cmd.run'], f['pexpect.run'], low) >= 1.0
               for _, f, low in rows)
     print(f'\nspeed-up: how many times faster than pexpect.run. '

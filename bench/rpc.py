@@ -46,7 +46,7 @@ from rpyc.utils.server import ThreadedServer
 
 from ave.network.control import Control, RemoteControl
 
-from _common import (Children, percentile, raise_fd_limit, receive_message,
+from _common import (Children, describe, percentile, raise_fd_limit, receive_message,
                      render_table, send_message)
 
 HOST = '127.0.0.1'
@@ -99,10 +99,6 @@ class Client:
 class Missing:
     """A figure that could not be measured; ``reason`` becomes a footnote."""
     reason: str
-
-
-def describe(error: BaseException) -> str:
-    return f'{type(error).__name__}: {error}'
 
 
 # -- the floor: the same frames and JSON, with nothing else --------------------------
