@@ -255,7 +255,7 @@ def remove_pid_file(path: str, pid: int | None) -> None:
         if _read_pid_file(path)[0] == pid:
             os.unlink(path)
     except FileNotFoundError:
-        pass
+        pass  # someone removed it already: the goal is reached
 
 
 def wait_for_exit(process: psutil.Process, timeout: float) -> bool:

@@ -89,7 +89,7 @@ def abort(pid: int) -> None:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
-            pass
+            pass  # it exited on its own meanwhile
     reap(pid)
 
 

@@ -302,7 +302,7 @@ class BlockingConnection(Connection):
             Connection.connect(self)
             return
         except ConnectionInProgress:
-            pass
+            pass  # the normal case for a non-blocking connect: wait for it below
         if self.poll(select.POLLOUT, _remaining(deadline)) is None:
             self.close()
             self.socket = None

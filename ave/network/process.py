@@ -105,7 +105,7 @@ class Process:
         try:
             os.kill(self.pid, signal.SIGTERM)
         except ProcessLookupError:
-            pass
+            pass  # already ended: terminating it is done
 
     def join(self, timeout: float | None = None) -> int | None:
         """Wait for the process to end and return its exit code (minus a signal number).
