@@ -35,6 +35,7 @@ class Item:
     releasing: bool = False
     present: bool = True
     tainted: bool = True
+    static: bool = False
 
 
 @dataclass
@@ -69,13 +70,16 @@ class Allocator:
             raise NoSuch(f'{profile.get("type")} profile lacks its identity {identity!r}')
         return profile['type'], str(profile[identity])
 
-    def add(self, profile: dict, settings: dict | None = None) -> Key:
-        """Add or refresh an item; a held item keeps its holder."""
+    def add(self, profile: dict, settings: dict | None = None, static: bool = False) -> Key:
+        """Add or refresh an item; a held item keeps its holder.
+
+        ``static`` items are declared in broker.json: no lister report removes them.
+        """
         key = self.key_of(profile)
         cls = self._type(profile['type']).profile_class
         item = self.items.get(key)
         if item is None:
-            self.items[key] = Item(cls(profile), dict(settings or {}))
+            self.items[key] = Item(cls(profile), dict(settings or {}), static=static)
         else:
             item.profile = cls(profile)
             item.settings = dict(settings or item.settings)
@@ -92,6 +96,19 @@ class Allocator:
             return
         item.present = False
         item.profile = type(item.profile)({**item.profile, 'power_state': 'offline'})
+
+    def sync(self, type_name: str, profiles: list[dict]) -> None:
+        """A lister's full view of one type: add what it sees, remove what it does not
+        (static items excepted), so a restarted lister corrects missed events."""
+        self._type(type_name)
+        seen = set()
+        for profile in profiles:
+            if profile.get('type') != type_name:
+                raise NoSuch(f'sync of {type_name} got a {profile.get("type")!r} profile')
+            seen.add(self.add(profile))
+        for key, item in list(self.items.items()):
+            if key[0] == type_name and key not in seen and not item.static:
+                self.remove(key)
 
     # -- allocation --------------------------------------------------------------------
 

@@ -24,11 +24,13 @@ from ave.equipment import EquipmentType
 from ave.exceptions import AuthError, AveException
 from ave.network.connection import Connection, find_free_port
 from ave.network.control import Control
+from ave.network.process import Process
 from ave.profile import Profile
 
 log = logging.getLogger(__name__)
 
 SESSION_KILL_GRACE = 30.0
+LISTER_RESTART_DELAY = 1.0
 MAX_PROFILES_PER_GET = 64
 
 
@@ -63,7 +65,9 @@ class BrokerServer(Control):
         self.types = types
         self.allocator = Allocator(types, config['stacks'], type_settings)
         for entry in config['equipment']:
-            self.allocator.add(types[entry['type']].profile_of(entry), entry)
+            self.allocator.add(types[entry['type']].profile_of(entry), entry, static=True)
+        self.type_settings = type_settings
+        self.lister: Process | None = None
         self.clients: dict[Connection, Client] = {}
         self.sessions: dict[int, SessionRecord] = {}
         self.links: dict[Connection, SessionRecord] = {}
@@ -165,6 +169,45 @@ class BrokerServer(Control):
         """A lister reports equipment that disappeared (kept while held)."""
         self.allocator.remove(self.allocator.key_of(_profile(profile)))
 
+    @Control.rpc
+    @Control.preauth('share')
+    def sync_equipment(self, type_name: str, profiles: list) -> None:
+        """A lister's complete view of one type, sent when it (re)starts."""
+        if not isinstance(profiles, list):
+            raise AveException('sync_equipment() takes a list of profiles')
+        self.allocator.sync(type_name, [_profile(p) for p in profiles])
+
+    # -- the lister --------------------------------------------------------------------
+
+    def initialize(self) -> None:
+        super().initialize()
+        self._start_lister()
+
+    def _listed_types(self) -> dict[str, EquipmentType]:
+        return {name: t for name, t in self.types.items() if t.udev_subsystems}
+
+    def _start_lister(self) -> None:
+        """Run the udev lister as a child, if any installed type is found through udev."""
+        listed = self._listed_types()
+        if not listed or not self.keep_going:
+            return
+        from ave.broker.lister import Lister
+        self.lister = Lister((self.config['host'], self.port), self.alt_keys.get('share'),
+                             listed, self.type_settings, self.home, logging=self.logging)
+        self.lister.start()
+        self.join_later(self.lister)
+
+    def shutdown(self, details: dict | str | None = None) -> None:
+        """Stop the lister with the broker; sessions end when their links close."""
+        if self.lister is not None and self.keep_going:
+            self.lister.terminate()
+        super().shutdown(details)
+
+    def _lister_ended(self, exit: int | None) -> None:
+        log.warning('lister ended with status %s; restarting it', exit)
+        self.lister = None
+        self.call_later(LISTER_RESTART_DELAY, self._start_lister)
+
     # -- session reports ---------------------------------------------------------------
 
     @Control.rpc
@@ -239,6 +282,9 @@ class BrokerServer(Control):
                     client.session = None
 
     def joined_process(self, pid: int, exit: int | None) -> None:
+        if self.lister is not None and pid == self.lister.pid:
+            self._lister_ended(exit)
+            return
         record = self.sessions.pop(pid, None)
         if record is None:
             return

@@ -56,6 +56,9 @@ class EquipmentType:
     profile_class: type[Profile] = Profile
     resource_class: type[Resource] = Resource
     on_demand = False
+    # Types found by the broker's lister name the udev subsystems to watch; the
+    # lister asks ``from_udev`` what each device there is (None: not this type).
+    udev_subsystems: tuple[str, ...] = ()
 
     def load_settings(self, home: str) -> dict:
         """Type-wide settings the broker reads at start (workspace.json, say)."""
@@ -71,6 +74,14 @@ class EquipmentType:
         """The profile of an item declared in broker.json (entry already validated)."""
         return self.profile_class({'type': self.name, **{
             key: value for key, value in entry.items() if _is_scalar(value)}})
+
+    def from_udev(self, device: Any, settings: dict) -> Profile | None:
+        """The profile of a udev device (a pyudev Device), or None if it is not ours.
+
+        Runs in the lister process, never on the broker loop; ``settings`` are this
+        type's settings (friendly names, say).
+        """
+        return None
 
     def create(self, settings: dict) -> Profile:
         """A brand-new item of an on-demand type (each request gets its own)."""

@@ -248,3 +248,23 @@ def test_release_without_confirmed_teardown_taints(types):
     allocator.allocate('a', [{'type': 'relay'}])
     allocator.finish_release(('relay', 'r1'))
     assert allocator.items[('relay', 'r1')].tainted
+
+
+def test_sync_adds_seen_and_removes_unseen_items(types):
+    allocator = make(types, [handset('h1'), handset('h2')])
+    allocator.sync('handset', [handset('h2'), handset('h3')])
+    assert sorted(k[1] for k in allocator.items) == ['h2', 'h3']
+
+
+def test_sync_keeps_static_items_and_held_unseen_ones(types):
+    allocator = Allocator(types)
+    allocator.add(handset('fixed'), static=True)
+    allocator.add(handset('h1', power_state='online'))
+    allocator.allocate('a', [{'type': 'handset', 'serial': 'h1'}])
+    allocator.sync('handset', [])
+    assert allocator.equipment() == [handset('fixed'), handset('h1', power_state='offline')]
+
+
+def test_sync_refuses_profiles_of_another_type(types):
+    with pytest.raises(NoSuch):
+        make(types).sync('handset', [relay('r1')])
