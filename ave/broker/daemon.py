@@ -28,6 +28,7 @@ from typing import Callable, TextIO
 import psutil
 
 from ave import config
+from ave.broker import systemd
 from ave.broker.server import BrokerServer
 from ave.equipment import EquipmentType, load_types
 from ave.exceptions import AveException
@@ -91,12 +92,14 @@ class BrokerDaemon(BrokerServer):
     def serve_foreground(self) -> int:
         """Run the broker in the calling process until SIGTERM (or Ctrl-C); return 0.
 
-        For supervisors that track the process they started (systemd Type=simple):
-        the same steps as a forked daemon, without the fork.
+        For supervisors that track the process they started: the same steps as a
+        forked daemon, without the fork. Under systemd (Type=notify) it says READY=1
+        once the pid file is written and clients can be served.
         """
         self.pid = os.getpid()
         self.redirect()
         self.initialize()
+        systemd.notify('READY=1')
         self.run()
         return 0
 
