@@ -11,11 +11,16 @@ values quoted as a POSIX shell would need them (``pretty='bench 3'``).
 ``--stop`` sends SIGTERM and waits up to STOP_TIMEOUT seconds. A broker that is
 still there after that is reported, not killed: it may be busy tearing sessions
 down, and whether to SIGKILL it (orphaning their equipment) is the operator's call.
+
+Run by root without ``--home`` (an init system, a package's install scripts), the
+command first becomes the account named in /etc/ave/user, so that the broker, its
+files and everything it starts belong to that account and never to root.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import sys
@@ -24,7 +29,7 @@ from typing import Any
 
 import psutil
 
-from ave import config
+from ave import config, persona
 from ave.broker import daemon
 from ave.exceptions import AveException
 from ave.network.control import RemoteControl
@@ -74,11 +79,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.foreground and args.action != 'start':
         parser.error('--foreground only goes with --start')
     try:
-        return _ACTIONS[args.action](config.resolve_home(args.home), args)
+        return _ACTIONS[args.action](_home(args.home), args)
     except (Failure, AveException, ConnectionException, psutil.Error) as error:
         return _fail(str(error))
     except OSError as error:
         return _fail(_os_error(error))
+
+
+def _home(home: str | None) -> str:
+    """The home to act on; root without ``--home`` becomes the AVE account first.
+
+    An explicit ``--home`` is a deliberate choice and is obeyed as whoever we are.
+    """
+    if home is None and os.geteuid() == 0 and os.path.exists(config.ETC_PATH):
+        etc = config.load_etc()
+        persona.become_user(etc['name'])
+        return etc['home']
+    return config.resolve_home(home)
 
 
 def _start(home: str, args: argparse.Namespace) -> int:
