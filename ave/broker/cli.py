@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
             ('--start', 'check the configuration and start the broker as a daemon; '
                         'print its pid'),
             ('--stop', 'stop the running broker (SIGTERM) and wait for it to exit'),
+            ('--restart', 'start a broker with the current code and configuration that '
+                          'takes over clients, sessions and equipment from the running '
+                          'one without dropping anything; print its pid'),
             ('--status', 'say whether the broker runs (exit status 1 if not)'),
             ('--list', 'list the equipment that is available now'),
             ('--list-all', 'list all equipment, allocated or not'),
@@ -113,6 +116,23 @@ def _start(home: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def _restart(home: str, args: argparse.Namespace) -> int:
+    """Hand everything to a new broker; exit 0 only once the new broker serves.
+
+    A configuration error or a failed takeover leaves the running broker serving.
+    """
+    running = daemon.find_broker(home).pid
+    if running is None:
+        return _start(home, args)
+    broker = daemon.BrokerDaemon.from_home(home, takeover_from=running)
+    try:
+        pid = broker.start(daemonize=True, synchronize=True)
+    except StartError as error:
+        raise Failure(f'restart failed; broker {running} serves on: {error}') from None
+    print(pid)
+    return 0
+
+
 def _stop(home: str, args: argparse.Namespace) -> int:
     process = _running(home)
     process.send_signal(signal.SIGTERM)
@@ -160,7 +180,8 @@ def _list(home: str, args: argparse.Namespace) -> int:
     return 0
 
 
-_ACTIONS = {'start': _start, 'stop': _stop, 'status': _status, 'hickup': _hickup,
+_ACTIONS = {'start': _start, 'restart': _restart, 'stop': _stop, 'status': _status,
+            'hickup': _hickup,
             'list': _list, 'list_all': _list}
 
 

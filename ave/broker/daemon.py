@@ -64,13 +64,16 @@ class BrokerDaemon(BrokerServer):
 
     def __init__(self, home: str, broker_config: dict, authkeys: dict,
                  types: dict[str, EquipmentType], type_settings: dict[str, dict],
-                 foreground: bool = False) -> None:
-        super().__init__(home, broker_config, authkeys, types, type_settings, logging=True)
+                 foreground: bool = False, takeover_from: int | None = None) -> None:
+        super().__init__(home, broker_config, authkeys, types, type_settings, logging=True,
+                         takeover_from=takeover_from)
         self.foreground = foreground
 
     @classmethod
-    def from_home(cls, home: str, foreground: bool = False) -> BrokerDaemon:
-        """Load and check every configuration file of ``home``, then bind the port.
+    def from_home(cls, home: str, foreground: bool = False,
+                  takeover_from: int | None = None) -> BrokerDaemon:
+        """Load and check every configuration file of ``home``, then bind the port
+        (or, taking over from the running broker ``takeover_from``, adopt its socket).
 
         Raises ConfigError naming the file and field at fault, AveException when an
         equipment plug-in cannot be loaded or the port cannot be bound. Nothing has
@@ -83,7 +86,8 @@ class BrokerDaemon(BrokerServer):
         type_settings = {name: _load_settings(equipment_type, home)
                          for name, equipment_type in types.items()}
         try:
-            return cls(home, broker_config, authkeys, types, type_settings, foreground)
+            return cls(home, broker_config, authkeys, types, type_settings, foreground,
+                       takeover_from)
         except OSError as error:
             where = f'{broker_config["host"]}:{broker_config["port"]}'
             reason = error.strerror or str(error)

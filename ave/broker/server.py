@@ -8,7 +8,6 @@ session has torn it down and exited.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import secrets
@@ -17,13 +16,16 @@ import socket as socketlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ave.broker.allocator import Allocator, Key
+from ave.broker import handover
+from ave.broker.allocator import Allocator, Item, Key
 from ave.broker.exceptions import Busy, NoSuch
 from ave.broker.session import Session
 from ave.equipment import EquipmentType
 from ave.exceptions import AuthError, AveException
 from ave.network.connection import Connection, find_free_port
 from ave.network.control import Control
+from ave.network.exceptions import ConnectionClosed
+from ave.network.fdtx import FdTx
 from ave.network.process import Process
 from ave.profile import Profile
 
@@ -41,7 +43,7 @@ class SessionRecord:
     process: Session
     port: int
     authkey: str
-    link: Connection
+    link: Connection | None  # None once the link is gone (a predecessor saw it close)
     keys: set[Key] = field(default_factory=set)
 
 
@@ -58,9 +60,12 @@ class BrokerServer(Control):
 
     def __init__(self, home: str, config: dict, authkeys: dict,
                  types: dict[str, EquipmentType], type_settings: dict[str, dict],
-                 socket: socketlib.socket | None = None, logging: bool = False) -> None:
-        super().__init__(config['port'], socket=socket, alt_keys=authkeys, home=home,
+                 socket: socketlib.socket | None = None, logging: bool = False,
+                 takeover_from: int | None = None) -> None:
+        port = None if takeover_from is not None else config['port']
+        super().__init__(port, socket=socket, alt_keys=authkeys, home=home,
                          proc_name='ave-broker', logging=logging, host=config['host'])
+        self.takeover_from = takeover_from
         self.config = config
         self.types = types
         self.allocator = Allocator(types, config['stacks'], type_settings)
@@ -71,7 +76,7 @@ class BrokerServer(Control):
         self.clients: dict[Connection, Client] = {}
         self.sessions: dict[int, SessionRecord] = {}
         self.links: dict[Connection, SessionRecord] = {}
-        self._holders = itertools.count(1)
+        self._next_holder = 1
 
     # -- client RPCs -------------------------------------------------------------------
 
@@ -181,7 +186,136 @@ class BrokerServer(Control):
 
     def initialize(self) -> None:
         super().initialize()
+        signal.signal(signal.SIGHUP, self.handle_SIGHUP)
+        if self.takeover_from is not None:
+            self._take_over()
         self._start_lister()
+
+    # -- restart: handing over ---------------------------------------------------------
+
+    def handle_SIGHUP(self, signum: int, frame: Any) -> None:
+        """A successor asks for everything; hand it over between two loop steps."""
+        self.call_later(0, self._hand_over)
+
+    def _hand_over(self) -> None:
+        """Send state and descriptors to the successor; exit once it has committed.
+
+        Any failure before the commit leaves this broker serving as if nothing had
+        happened: nothing was closed or changed while the state was exported.
+        """
+        tx = FdTx()
+        try:
+            tx.connect(handover.socket_path(self.home), handover.CONNECT_TIMEOUT)
+            handover.send(tx, *self._export_state())
+            handover.await_word(tx, handover.COMMIT, handover.HANDOVER_TIMEOUT)
+            tx.put(handover.BYE)
+        except (AveException, OSError, ValueError, handover.HandoverError,
+                ConnectionClosed) as error:
+            log.error('restart handover failed; serving on: %s', error)
+            tx.close()
+            return
+        log.info('handed everything over to the new broker; exiting')
+        if self.lister is not None:
+            self.lister.terminate()
+        logging.shutdown()
+        os._exit(0)  # no Exit frames, no socket shutdown: the successor serves them now
+
+    def _export_state(self) -> tuple[dict, list[int]]:
+        peers = self.export_peers()
+        index = {peer.connection: i for i, (peer, _) in enumerate(peers)}
+        attached = {id(c.session) for c in self.clients.values() if c.session is not None}
+        state = {
+            'peers': [description for _, description in peers],
+            'items': [_item_state(item) for item in self.allocator.items.values()],
+            'clients': [{'peer': index[connection], 'holder': client.holder,
+                         'session': client.session and client.session.process.pid}
+                        for connection, client in self.clients.items()
+                        if connection in index],
+            'sessions': [{'pid': pid, 'port': record.port, 'authkey': record.authkey,
+                          'link': index.get(record.link), 'keys': sorted(record.keys),
+                          'closing': id(record) not in attached}
+                         for pid, record in self.sessions.items()],
+            'next_holder': self._next_holder,
+        }
+        return state, [self.listener.fileno()] + [peer.fd for peer, _ in peers]
+
+    # -- restart: taking over ----------------------------------------------------------
+
+    def _take_over(self) -> None:
+        """Become the broker: adopt the running one's listener, clients and sessions.
+
+        Raises HandoverError (the start-up fails and the old broker serves on) unless
+        the old broker confirmed it is gone.
+        """
+        tx = handover.listen(self.home)
+        fds: list[int] = []
+        try:
+            os.kill(self.takeover_from, signal.SIGHUP)
+            tx.accept(handover.HANDOVER_TIMEOUT)
+            state, fds = handover.receive(tx)
+            self._adopt(state, fds)
+            tx.put(handover.COMMIT)
+            handover.await_word(tx, handover.BYE, handover.HANDOVER_TIMEOUT)
+        except (AveException, OSError, ValueError, KeyError, ConnectionClosed) as error:
+            raise handover.HandoverError(f'taking over from broker {self.takeover_from} '
+                                         f'failed: {error}') from error
+        finally:
+            tx.close()
+        log.info('took over from broker %d', self.takeover_from)
+
+    def _adopt(self, state: dict, fds: list[int]) -> None:
+        listener, *peer_fds = (socketlib.socket(fileno=fd) for fd in fds)
+        self.adopt_listener(listener)
+        wanted = (self.config['host'], self.config['port'])
+        if tuple(self.listener.address) != wanted and self.config['port'] != 0:
+            raise handover.HandoverError(
+                f'the running broker listens on {self.listener.address[0]}:'
+                f'{self.listener.address[1]}, the new configuration says {wanted[0]}:'
+                f'{wanted[1]}; a move needs ave-broker --stop and --start')
+        connections = [self.import_peer(sock, description)
+                       for sock, description in zip(peer_fds, state['peers'])]
+        for entry in state['items']:
+            self._adopt_item(entry)
+        sessions = {entry['pid']: self._adopt_session(entry, connections)
+                    for entry in state['sessions']}
+        for entry in state['clients']:
+            self.clients[connections[entry['peer']]] = Client(
+                entry['holder'], sessions.get(entry['session']))
+        self._next_holder = state['next_holder']
+
+    def _adopt_item(self, entry: dict) -> None:
+        try:
+            key = self.allocator.key_of(entry['profile'])
+        except NoSuch:
+            log.warning('dropping %s: its type is no longer installed', entry['profile'])
+            return
+        item = self.allocator.items.get(key)
+        if item is None:
+            if entry['static'] and entry['holder'] is None and not entry['releasing']:
+                return  # no longer in broker.json and nobody holds it
+            self.allocator.add(entry['profile'], entry['settings'])
+            item = self.allocator.items[key]
+            item.present = entry['present'] and not entry['static']
+        item.holder = entry['holder']
+        item.releasing = entry['releasing']
+        item.tainted = entry['tainted']
+
+    def _adopt_session(self, entry: dict, connections: list[Connection]) -> SessionRecord:
+        link = None if entry['link'] is None else connections[entry['link']]
+        record = SessionRecord(Process.adopt(entry['pid'], 'ave-broker-session'),
+                               entry['port'], entry['authkey'], link,
+                               {tuple(key) for key in entry['keys']})
+        if link is not None:
+            self.links[link] = record
+        self.sessions[entry['pid']] = record
+        self.join_later(record.process)
+        if entry['closing']:
+            self.call_later(SESSION_KILL_GRACE, lambda: self._kill_if_running(record))
+        return record
+
+    def run(self) -> None:
+        self.serve_imported()
+        super().run()
 
     def _listed_types(self) -> dict[str, EquipmentType]:
         return {name: t for name, t in self.types.items() if t.udev_subsystems}
@@ -232,7 +366,8 @@ class BrokerServer(Control):
             raise AuthError('sessions do not allocate equipment')
         client = self.clients.get(connection)
         if client is None:
-            client = self.clients[connection] = Client(next(self._holders))
+            client = self.clients[connection] = Client(self._next_holder)
+            self._next_holder += 1
         return client
 
     def _start_session(self, client: Client) -> SessionRecord:
@@ -288,17 +423,24 @@ class BrokerServer(Control):
         record = self.sessions.pop(pid, None)
         if record is None:
             return
-        if exit != 0:
+        if exit not in (0, None):
             log.warning('session %d ended with status %s', pid, exit)
         for key in record.keys:
             self.allocator.finish_release(key)
         for client in self.clients.values():
             if client.session is record:
                 client.session = None
-        if not record.link.closed:
-            self.remove_connection(record.link)
-            record.link.close()
-        self.links.pop(record.link, None)
+        if record.link is not None:
+            if not record.link.closed:
+                self.remove_connection(record.link)
+                record.link.close()
+            self.links.pop(record.link, None)
+
+
+def _item_state(item: Item) -> dict:
+    return {'profile': dict(item.profile), 'settings': item.settings,
+            'holder': item.holder, 'releasing': item.releasing, 'present': item.present,
+            'tainted': item.tainted, 'static': item.static}
 
 
 def _parse_request(profiles: tuple) -> list[dict | list[dict]]:

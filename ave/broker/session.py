@@ -46,6 +46,7 @@ class Session(Control):
         # Ctrl-C on a foreground broker reaches the whole process group; the session
         # must not die untidily but end through its broker link, tearing down first.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the broker's restart signal
         self.add_connection(self.broker, self.authkey)
 
     # -- the broker's side -------------------------------------------------------------

@@ -257,6 +257,17 @@ class Connection:
         """Queued bytes not yet sent (for handing the peer over)."""
         return bytes(self._outbox)
 
+    def restore(self, pending_input: bytes, pending_output: bytes) -> None:
+        """Take over a predecessor's half-read input and unsent output."""
+        self._decoder.feed(pending_input)
+        self._outbox += pending_output
+
+    def release(self) -> None:
+        """Close this process's descriptor without shutting the connection down, so
+        the process it was handed to keeps it working."""
+        if self.socket is not None:
+            self.socket.close()
+
 
 class BlockingConnection(Connection):
     """A framed connection whose calls wait, each for at most ``timeout`` seconds."""

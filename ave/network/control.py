@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import hmac
+import base64
 import itertools
 import json
 import logging as logginglib
@@ -140,7 +141,7 @@ class Control(Process):
     auth = staticmethod(auth)
     preauth = staticmethod(preauth)
 
-    def __init__(self, port: int, authkey: str | None = None,
+    def __init__(self, port: int | None, authkey: str | None = None,
                  socket: socketlib.socket | None = None, alt_keys: dict | None = None,
                  interval: float | None = None, home: str | None = None,
                  proc_name: str | None = None, logging: bool = False,
@@ -152,9 +153,13 @@ class Control(Process):
         self.interval = interval
         self.keep_going = True
         self.caller: Peer | None = None
-        self.listener = self._make_listener(host, port, socket)
-        self.port = self.listener.address[1]
         self._selector: selectors.BaseSelector | None = None
+        # No port and no socket: the listening socket will be adopted from a
+        # predecessor (see adopt_listener), as a restarting broker does.
+        self.listener: Connection | None = None
+        self.port: int | None = None
+        if port is not None or socket is not None:
+            self.adopt_listener(self._make_listener(host, port, socket).socket)
         self._handshakes: deque[Peer] = deque()
         self._timers: list[tuple[float, int, Callable]] = []
         self._timer_order = itertools.count()
@@ -169,6 +174,14 @@ class Control(Process):
             JOINING: self._on_joining,
             WAKING: self._on_waking,
         }
+
+    def adopt_listener(self, sock: socketlib.socket) -> None:
+        """Accept clients on ``sock`` (already bound and listening)."""
+        self.listener = Connection(sock.getsockname()[:2], sock)
+        self.port = self.listener.address[1]
+        if self._selector is not None:
+            self._selector.register(self.listener.fileno(), selectors.EVENT_READ,
+                                    Peer(self.listener, LISTENING))
 
     @staticmethod
     def _make_listener(host: str, port: int, sock: socketlib.socket | None) -> Connection:
@@ -203,10 +216,11 @@ class Control(Process):
         try:
             return super().start(daemonize, synchronize)
         finally:
-            self.listener.socket.close()
+            if self.listener is not None:
+                self.listener.socket.close()
 
     def close_fds(self, exclude: list[int]) -> None:
-        super().close_fds(exclude + [self.listener.fileno()])
+        super().close_fds(exclude + ([] if self.listener is None else [self.listener.fileno()]))
 
     def initialize(self) -> None:
         super().initialize()
@@ -254,8 +268,9 @@ class Control(Process):
         """The selector, made on first use so that a forked child gets its own."""
         if self._selector is None:
             self._selector = selectors.DefaultSelector()
-            self._selector.register(self.listener.fileno(), selectors.EVENT_READ,
-                                    Peer(self.listener, LISTENING))
+            if self.listener is not None:
+                self._selector.register(self.listener.fileno(), selectors.EVENT_READ,
+                                        Peer(self.listener, LISTENING))
         return self._selector
 
     def _wait_time(self, timeout: float | None) -> float | None:
@@ -363,6 +378,8 @@ class Control(Process):
 
     def stop_listening(self) -> None:
         """Stop accepting new clients and close the listening socket."""
+        if self.listener is None:
+            return
         if self._selector is not None and self.listener.fileno() in self._selector.get_map():
             self._selector.unregister(self.listener.fileno())
         self.listener.close()
@@ -398,6 +415,57 @@ class Control(Process):
             log.warning('%s failed: %s', peer.connection, error)
         self._drop(peer)
         return None
+
+    # -- handing connections to a successor ---------------------------------------------
+
+    def export_peers(self) -> list[tuple[Peer, dict]]:
+        """Every served connection with a JSON description a successor can adopt.
+
+        Nothing is closed or changed: if the handover fails, serving simply goes on.
+        Partly read frames and unsent replies are part of the description.
+        """
+        exported = []
+        now = time.monotonic()
+        for key in self._loop().get_map().values():
+            peer = key.data
+            if not isinstance(peer, Peer) or peer.state not in (
+                    AUTHENTICATING, ESTABLISHED, WATCHED):
+                continue
+            exported.append((peer, {
+                'state': peer.state, 'address': list(peer.connection.address),
+                'input': _b64(peer.connection.pending_input()),
+                'output': _b64(peer.connection.pending_output()),
+                'challenge': peer.challenge.hex(),
+                'deadline_in': max(0.0, peer.deadline - now),
+                'authkey': peer.authkey, 'primary': peer.primary,
+                'accounts': sorted(peer.accounts)}))
+        return exported
+
+    def import_peer(self, sock: socketlib.socket, description: dict) -> Connection:
+        """Serve a connection a predecessor described with ``export_peers``."""
+        connection = Connection(tuple(description['address']), sock)
+        connection.restore(base64.b64decode(description['input']),
+                           base64.b64decode(description['output']))
+        peer = Peer(connection, description['state'])
+        peer.authkey = description['authkey']
+        peer.primary = bool(description['primary'])
+        peer.accounts = frozenset(description['accounts']) or NO_ACCOUNTS
+        peer.challenge = bytes.fromhex(description['challenge'])
+        # Nothing is written here: until the predecessor confirms it has let go, the
+        # queued output is still its to send. The loop sends it once running.
+        peer.writing = connection.has_output
+        events = selectors.EVENT_WRITE if peer.writing else selectors.EVENT_READ
+        self._loop().register(peer.fd, events, peer)
+        if peer.state == AUTHENTICATING:
+            peer.deadline = time.monotonic() + description['deadline_in']
+            self._handshakes.append(peer)
+        return connection
+
+    def serve_imported(self) -> None:
+        """Answer requests that arrived whole before the handover but were not served."""
+        for key in list(self._loop().get_map().values()):
+            if isinstance(key.data, Peer) and key.data.state == ESTABLISHED:
+                self._serve_buffered(key.data)
 
     # -- requests ----------------------------------------------------------------------
 
@@ -495,7 +563,7 @@ class Control(Process):
 
         The peer must itself be a Control; it never answers, so the loop never waits.
         """
-        key = self._loop().get_map().get(connection.fileno())
+        key = None if connection.closed else self._loop().get_map().get(connection.fileno())
         if key is None or not isinstance(key.data, Peer):
             raise ConnectionClosed(f'{connection} is not served by this service')
         self._send(key.data, json.dumps({
@@ -614,6 +682,10 @@ def _last_words(connection: Connection, frame: str, deadline: float) -> None:
             selectors.DefaultSelector().select(min(remaining, 0.05))
     except (ConnectionClosed, OSError):
         return
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode('ascii')
 
 
 def _digest_matches(key: str | None, challenge: bytes, digest: bytes) -> bool:

@@ -132,6 +132,10 @@ class FdTx:
                 raise Timeout(f'could not connect to FdTx {path} within {timeout} s')
             time.sleep(_RETRY_INTERVAL if left is None else min(_RETRY_INTERVAL, left))
 
+    def fileno(self) -> int:
+        """The connected socket's descriptor, to wait on it with poll() and a time-out."""
+        return self._connected().fileno()
+
     def close(self) -> None:
         """Close the connection or listening socket and remove a socket file made here.
 

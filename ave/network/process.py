@@ -25,7 +25,7 @@ _SYNC_TIMEOUT = 30.0
 _SYNC_LIMIT = 1024 * 1024
 # Held back from the fork until the child's own handlers are in place; otherwise a
 # signal sent right after start() would run the parent's handler in the child.
-_DEFERRED_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
+_DEFERRED_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP}
 
 
 class StartError(AveException):
@@ -58,6 +58,18 @@ class Process:
         self.exit_code: int | None = None
         self.daemonized = False
         self.logger = logginglib.getLogger(proc_name or 'ave.process')
+
+    @classmethod
+    def adopt(cls, pid: int, proc_name: str | None = None) -> 'Process':
+        """A handle on a running process this one did not start (a predecessor's child).
+
+        It behaves like a daemon: it can be terminated and joined (joining waits for
+        its end and returns None, as its exit code belongs to its real parent).
+        """
+        process = Process(proc_name=proc_name)
+        process.pid = pid
+        process.daemonized = True
+        return process
 
     def run(self) -> None:
         """What the child does when no ``target`` was given; subclasses implement it."""
