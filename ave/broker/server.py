@@ -16,7 +16,7 @@ import socket as socketlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ave.broker import handover
+from ave.broker import handover, systemd
 from ave.broker.allocator import Allocator, Item, Key
 from ave.broker.exceptions import Busy, NoSuch
 from ave.broker.session import Session
@@ -248,15 +248,20 @@ class BrokerServer(Control):
         the old broker confirmed it is gone.
         """
         tx = handover.listen(self.home)
-        fds: list[int] = []
+        announced = False
         try:
             os.kill(self.takeover_from, signal.SIGHUP)
             tx.accept(handover.HANDOVER_TIMEOUT)
             state, fds = handover.receive(tx)
             self._adopt(state, fds)
+            # A supervising systemd must know the new main process before the old
+            # one exits, or it takes that exit for the end of the service.
+            announced = systemd.notify(f'MAINPID={os.getpid()}\nREADY=1')
             tx.put(handover.COMMIT)
             handover.await_word(tx, handover.BYE, handover.HANDOVER_TIMEOUT)
         except (AveException, OSError, ValueError, KeyError, ConnectionClosed) as error:
+            if announced:
+                systemd.notify(f'MAINPID={self.takeover_from}')
             raise handover.HandoverError(f'taking over from broker {self.takeover_from} '
                                          f'failed: {error}') from error
         finally:

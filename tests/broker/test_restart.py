@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -240,3 +241,18 @@ def read_frame(sock):
         assert data, 'connection closed'
         decoder.feed(data)
     return frame
+
+
+def test_takeover_tells_a_supervising_systemd_its_new_main_pid(start_broker, tmp_path):
+    lab = start_broker()
+    address = str(tmp_path / 'notify')
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as supervisor:
+        supervisor.bind(address)
+        supervisor.settimeout(10)
+        result = subprocess.run(lab.command('--restart'), capture_output=True, text=True,
+                                timeout=30, stdin=subprocess.DEVNULL,
+                                env={**os.environ, 'NOTIFY_SOCKET': address})
+        assert result.returncode == 0, result.stderr
+        lab.pid = int(result.stdout)
+        message = supervisor.recv(4096).decode()
+    assert message == f'MAINPID={lab.pid}\nREADY=1'
