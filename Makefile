@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench clean deb deb-deps deb-test
 
 install: $(STAMP)
 
@@ -25,6 +25,31 @@ bench: install
 	$(BIN)/pip install --quiet -r bench/requirements.txt
 	$(BIN)/python bench/rpc.py
 	$(BIN)/python bench/cmd.py
+
+# The Debian package, built from a copy of the tree's files (tracked and not ignored)
+# so that the build leaves nothing in the tree; the .deb lands in $(DEB_DIR).
+# `make deb-deps` (root) installs what the build and deb-test need.
+DEB_DIR = build/deb
+
+deb-deps:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -qq ./
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		lintian debootstrap iproute2
+
+deb:
+	rm -rf $(DEB_DIR)
+	mkdir -p $(DEB_DIR)/ave
+	git ls-files -z --cached --others --exclude-standard \
+		| tar -c --null --files-from=- --ignore-failed-read | tar -x -C $(DEB_DIR)/ave
+	cd $(DEB_DIR)/ave && dpkg-buildpackage -us -uc -b
+	rm -rf $(DEB_DIR)/ave
+
+# Lintian, then install, upgrade and purge the package in a debootstrap root
+# (root only; tests/packaging/test_deb.py skips without AVE_PACKAGE_TEST=1).
+deb-test: deb install
+	lintian --fail-on error $(DEB_DIR)/ave_*.deb
+	AVE_PACKAGE_TEST=1 $(BIN)/python -m pytest tests/packaging
 
 clean:
 	rm -rf $(VENV) build *.egg-info ave/_native*.so
