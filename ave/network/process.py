@@ -169,7 +169,9 @@ class Process:
             self.close_fds([report_fd] if not reported else [])
             self.redirect()
             self.initialize()
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            # Unblock explicitly: a parent that forks us from its own initialize()
+            # has these blocked too, and restoring its mask would keep them blocked.
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask - _DEFERRED_SIGNALS)
             if not reported:
                 _send_report(report_fd, {'pid': self.pid})
                 reported = True

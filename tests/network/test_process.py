@@ -324,3 +324,21 @@ def test_sigterm_right_after_start_reaches_the_childs_own_handler(tmp_path, proc
     process.start()
     process.terminate()
     assert process.join(5) == 0 and marker.read_text() == 'mine'
+
+
+def test_child_forked_during_initialize_can_still_be_terminated(tmp_path, processes):
+    pid_file = tmp_path / 'grandchild'
+
+    class Starter(Process):
+        def initialize(self):
+            super().initialize()
+            child = Process(target=sleep_forever)
+            pid_file.write_text(str(child.start(synchronize=True)))
+    starter = Starter(target=sleep_forever)
+    processes.append(starter)
+    starter.start(synchronize=True)
+    grandchild = int(pid_file.read_text())
+    os.kill(grandchild, signal.SIGTERM)
+    assert wait_until(lambda: not psutil.pid_exists(grandchild)
+                      or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE), \
+        'a child started inside initialize() must not inherit blocked SIGTERM'
