@@ -24,6 +24,7 @@ setup(
         'ave.equipment': [
             'workspace = ave.equipment.workspace:WORKSPACE',
             'relay = ave.equipment.relay:RELAY',
+            'handset = ave.equipment.handset:HANDSET',
         ],
     },
 )
