@@ -25,6 +25,7 @@ setup(
             'workspace = ave.equipment.workspace:WORKSPACE',
             'relay = ave.equipment.relay:RELAY',
             'handset = ave.equipment.handset:HANDSET',
+            'serial = ave.equipment.serial:SERIAL',
         ],
     },
 )
