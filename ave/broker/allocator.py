@@ -87,9 +87,17 @@ class Allocator:
         return key
 
     def remove(self, key: Key) -> None:
-        """Equipment disappeared: forget it, unless held (then it shows as offline)."""
+        """Equipment disappeared: forget it, unless held (then it shows as offline).
+
+        Equipment declared in broker.json is never forgotten: it goes back to its
+        declared profile, offline, so the lab owner still sees it listed.
+        """
         item = self.items.get(key)
         if item is None:
+            return
+        if item.static:
+            declared = self._type(key[0]).profile_of(item.settings)
+            item.profile = type(item.profile)({**declared, 'power_state': 'offline'})
             return
         if item.holder is None:
             del self.items[key]
@@ -98,8 +106,8 @@ class Allocator:
         item.profile = type(item.profile)({**item.profile, 'power_state': 'offline'})
 
     def sync(self, type_name: str, profiles: list[dict]) -> None:
-        """A lister's full view of one type: add what it sees, remove what it does not
-        (static items excepted), so a restarted lister corrects missed events."""
+        """A lister's full view of one type: add what it sees, remove what it does not,
+        so a restarted lister corrects the events it missed."""
         self._type(type_name)
         seen = set()
         for profile in profiles:
@@ -107,7 +115,7 @@ class Allocator:
                 raise NoSuch(f'sync of {type_name} got a {profile.get("type")!r} profile')
             seen.add(self.add(profile))
         for key, item in list(self.items.items()):
-            if key[0] == type_name and key not in seen and not item.static:
+            if key[0] == type_name and key not in seen:
                 self.remove(key)
 
     # -- allocation --------------------------------------------------------------------
@@ -119,10 +127,9 @@ class Allocator:
         NoSuch if some profile matches nothing at all, Busy if all match something but
         the whole request cannot be satisfied now.
         """
-        groups = [entry if isinstance(entry, list) else [entry] for entry in request]
-        for group in groups:
-            for wanted in group:
-                self._type(wanted.get('type'))
+        groups = [[self._with_defaults(wanted) for wanted in entry]
+                  if isinstance(entry, list) else [self._with_defaults(entry)]
+                  for entry in request]
         search = self._search(_Search(holder), groups)
         if search is None:
             if self._search(_Search(holder, ignore_holds=True), groups) is None:
@@ -134,6 +141,9 @@ class Allocator:
             item.holder = holder
             allocated.append(item)
         return allocated
+
+    def _with_defaults(self, wanted: dict) -> dict:
+        return {**self._type(wanted.get('type')).request_defaults, **wanted}
 
     def _search(self, search: _Search, groups: list[list[dict]]) -> _Search | None:
         """Run one search; on-demand items it made are kept only if a real one chose them."""

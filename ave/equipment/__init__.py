@@ -9,7 +9,8 @@ broker.json, created on demand (workspaces), or reported by a lister.
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 from ave.profile import Profile
 
@@ -59,6 +60,9 @@ class EquipmentType:
     # Types found by the broker's lister name the udev subsystems to watch; the
     # lister asks ``from_udev`` what each device there is (None: not this type).
     udev_subsystems: tuple[str, ...] = ()
+    # Keys a request gets unless it names them itself (a handset request means a
+    # booted handset unless it asks for another power_state).
+    request_defaults: Mapping[str, Any] = MappingProxyType({})
 
     def load_settings(self, home: str) -> dict:
         """Type-wide settings the broker reads at start (workspace.json, say)."""

@@ -256,13 +256,26 @@ def test_sync_adds_seen_and_removes_unseen_items(types):
     assert sorted(k[1] for k in allocator.items) == ['h2', 'h3']
 
 
-def test_sync_keeps_static_items_and_held_unseen_ones(types):
+def test_sync_keeps_declared_items_offline_and_held_unseen_ones(types):
     allocator = Allocator(types)
-    allocator.add(handset('fixed'), static=True)
+    declared = handset('fixed', pretty='bench 3')
+    allocator.add({**declared, 'power_state': 'online'}, declared, static=True)
     allocator.add(handset('h1', power_state='online'))
     allocator.allocate('a', [{'type': 'handset', 'serial': 'h1'}])
     allocator.sync('handset', [])
-    assert allocator.equipment() == [handset('fixed'), handset('h1', power_state='offline')]
+    assert allocator.equipment() == [{**declared, 'power_state': 'offline'},
+                                     handset('h1', power_state='offline')]
+
+
+def test_request_defaults_apply_unless_the_request_says_otherwise(types):
+    class Booting(HandsetLike):
+        request_defaults = {'power_state': 'boot_completed'}
+    allocator = make({**types, 'handset': Booting()},
+                     [handset('h1', power_state='online')])
+    with pytest.raises(NoSuch):
+        allocator.allocate('a', [{'type': 'handset'}])
+    got = allocator.allocate('a', [{'type': 'handset', 'power_state': 'online'}])
+    assert keys(got) == [('handset', 'h1')]
 
 
 def test_sync_refuses_profiles_of_another_type(types):

@@ -182,7 +182,8 @@ def test_hickup_makes_the_broker_write_its_stack(broker):
 
 def test_hickup_reaches_the_sessions(broker):
     broker.client().get({'type': 'workspace'})
-    session = psutil.Process(broker.pid).children()[0]
+    session = next(child for child in psutil.Process(broker.pid).children()
+                   if child.name().startswith('ave-broker-sess'))
     assert broker.cli('--hickup').returncode == 0
     pattern = os.path.join(broker.hickup_dir, f'*-ave-broker-session-{session.pid}')
     assert wait_until(lambda: glob.glob(pattern)), f'no hickup file matches {pattern}'

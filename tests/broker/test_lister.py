@@ -284,8 +284,6 @@ def test_declared_handset_never_plugged_in_is_listed_offline(lab):
                                            'power_state': 'offline'}]
 
 
-@pytest.mark.xfail(strict=True, reason='needs broker hook: EquipmentType.request_defaults '
-                   'applied by the allocator')
 def test_request_without_power_state_only_gets_a_booted_handset(testbed, adb, lab):
     testbed.add('handset.umockdev')
     adb(SERIAL, boot_completed='0')
@@ -295,8 +293,6 @@ def test_request_without_power_state_only_gets_a_booted_handset(testbed, adb, la
         started.client().get({'type': 'handset'})
 
 
-@pytest.mark.xfail(strict=True, reason='needs broker hook: a declared item reported gone '
-                   'goes back to its declared profile instead of being forgotten')
 def test_declared_handset_unplugged_stays_listed_offline(testbed, adb, lab):
     testbed.add('handset.umockdev')
     adb(SERIAL)
