@@ -11,6 +11,7 @@ import time
 import psutil
 import pytest
 
+from support import wait_until
 from ave.broker import Broker
 from ave.broker.exceptions import Busy, NoSuch, NotAllocated, NotOwner
 from ave.exceptions import AuthError, AveException, Exit
@@ -33,15 +34,6 @@ def handset(serial):
     """A static stand-in for a handset: a relay-typed item would do, but stacks mix types."""
     return {'type': 'relay', 'uid': serial, 'circuits': {
         'power': {'open': ['true'], 'close': ['true'], 'default': 'closed'}}}
-
-
-def wait_until(predicate, timeout=5.0, step=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 def uids(profiles):

@@ -14,6 +14,7 @@ import time
 import psutil
 import pytest
 
+import support
 pytestmark = pytest.mark.timeout(30)
 
 
@@ -32,12 +33,7 @@ def relay_available():
 
 
 def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    return support.wait_until(predicate, timeout, 0.05)
 
 
 def assert_one_line_failure(result, *expected):
@@ -181,7 +177,7 @@ def test_hickup_makes_the_broker_write_its_stack(broker):
 
 
 def test_hickup_reaches_the_sessions(broker):
-    broker.client().get({'type': 'workspace'})
+    broker.client().get({'type': 'workspace'}).get_path()  # the session is up and named
     session = next(child for child in psutil.Process(broker.pid).children()
                    if child.name().startswith('ave-broker-sess'))
     assert broker.cli('--hickup').returncode == 0

@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+import support
 from ave.broker.exceptions import NoSuch
 from ave.broker.lister import REFRESH_INTERVAL, Lister
 from ave.equipment import EquipmentType
@@ -152,13 +153,8 @@ def lab(testbed, adb, start_broker):
     return start
 
 
-def wait_until(predicate, timeout: float = SETTLE, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
+def wait_until(predicate, timeout: float = SETTLE, step: float = 0.05):
+    return support.wait_until(predicate, timeout, step)
 
 
 def listed(lab, equipment_type: str) -> list[dict]:

@@ -14,6 +14,7 @@ import time
 import psutil
 import pytest
 
+from support import wait_until
 from ave.broker import Broker
 from ave.broker.exceptions import Busy
 from ave.network import framing
@@ -89,15 +90,6 @@ def jobs():
         job.wait(10)
         job.stdin.close()
         job.stdout.close()
-
-
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def restart(lab):

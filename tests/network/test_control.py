@@ -21,6 +21,7 @@ from ave.network.connection import Connection, find_free_port
 from ave.network.control import CHALLENGE_PREFIX, NONCE_SIZE, RemoteControl
 from ave.network.exceptions import ConnectionClosed, ConnectionRefused, ConnectionTimeout
 from ave.network.process import Process
+from support import wait_until
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -29,16 +30,6 @@ ADMIN_KEY = 'admin-key'
 SHARE_KEY = 'share-key'
 
 KEYS = {'authkey': PRIMARY_KEY, 'alt_keys': {'admin': ADMIN_KEY, 'share': SHARE_KEY}}
-
-
-def wait_until(predicate, timeout=5.0):
-    """Poll ``predicate`` until it is true or ``timeout`` passes; its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(0.02)
 
 
 def raised_by(call, *args, **kwargs):

@@ -9,6 +9,7 @@ import pytest
 
 from ave.exceptions import Timeout
 from ave.network.process import Process, StartError
+from support import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -27,15 +28,6 @@ def processes():
             pass
         if not process.daemonized and process.exit_code is None:
             process.join(5)
-
-
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def hickup_files(home):

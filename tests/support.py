@@ -1,0 +1,17 @@
+"""Helpers shared by test modules (pytest puts this directory on sys.path)."""
+import time
+
+
+def wait_until(predicate, timeout: float = 5.0, step: float = 0.02):
+    """Poll ``predicate`` until it returns something true or ``timeout`` seconds pass;
+    return its last value.
+
+    Things that happen in other processes (a broker freeing equipment, a child
+    exiting) can only be waited for; a bounded poll keeps every test finite.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(step)
