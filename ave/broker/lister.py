@@ -66,15 +66,6 @@ class Lister(Process):
         # What was last reported for each device, by sysfs path.
         self.reported: dict[str, Profile] = {}
 
-    def initialize(self) -> None:
-        """Also forget the broker's signal wake-up descriptor, closed in this process.
-
-        Python would otherwise try to write every signal to it and complain that
-        it cannot, on the way out after SIGTERM.
-        """
-        signal.set_wakeup_fd(-1)
-        super().initialize()
-
     def perform_prctl(self, death_signal: int = signal.SIGTERM) -> None:
         """Die with the broker; if it already died during the fork, end right here."""
         super().perform_prctl(death_signal)

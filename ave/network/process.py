@@ -156,6 +156,9 @@ class Process:
         """Everything the child does; it never returns into the parent's code."""
         code = 1
         reported = report_fd < 0
+        # A parent Control's signal wake-up descriptor is about to be closed here, and
+        # its number may be reused: signals must not be written into it.
+        signal.set_wakeup_fd(-1)
         try:
             if daemonize:
                 os.setsid()

@@ -334,3 +334,19 @@ def test_child_forked_during_initialize_can_still_be_terminated(tmp_path, proces
     assert wait_until(lambda: not psutil.pid_exists(grandchild)
                       or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE), \
         'a child started inside initialize() must not inherit blocked SIGTERM'
+
+
+def test_child_of_a_process_with_a_wakeup_fd_does_not_inherit_it(processes):
+    import socket as socketlib
+    sender, receiver = socketlib.socketpair()
+    sender.setblocking(False)
+    previous = signal.set_wakeup_fd(sender.fileno(), warn_on_full_buffer=False)
+    try:
+        process = Process(target=lambda: sys.exit(signal.set_wakeup_fd(-1) + 2))
+        processes.append(process)
+        process.start()
+        assert process.join(5) == 1, 'the child must start without a signal wake-up fd'
+    finally:
+        signal.set_wakeup_fd(previous)
+        sender.close()
+        receiver.close()
