@@ -62,7 +62,7 @@ from ave.broker.client import Broker
 from ave.broker.daemon import find_broker, log_dir, wait_for_exit
 from ave.broker.exceptions import Busy
 from ave.exceptions import Exit
-from ave.network.connection import find_free_port
+from ave.network.connection import above_ephemeral_ports, find_free_port
 from ave.network.control import RemoteControl
 from ave.network.exceptions import ConnectionClosed, ConnectionRefused
 
@@ -229,18 +229,10 @@ def relay_entry(number: int) -> dict:
 def free_port() -> int:
     """A port nobody listens on, above the range the kernel gives outgoing connections
     (where there is room): the clients' own connections can then never take it."""
-    sock, port = find_free_port(start=_above_ephemeral_range(), listen=False, host=HOST)
+    sock, port = find_free_port(start=above_ephemeral_ports(), listen=False, host=HOST)
     sock.close()
     return port
 
-
-def _above_ephemeral_range() -> int:
-    try:
-        with open('/proc/sys/net/ipv4/ip_local_port_range', encoding='ascii') as stream:
-            highest = int(stream.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return 49152
-    return highest + 1 if highest < 65000 else 49152
 
 
 # -- the clients ------------------------------------------------------------------------

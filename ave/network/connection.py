@@ -51,6 +51,21 @@ def find_free_port(start: int = 49152, stop: int = 65536, listen: bool = True,
     raise OSError(errno.EADDRINUSE, f'no free port in [{start}, {stop}) after 20000 tries')
 
 
+def above_ephemeral_ports() -> int:
+    """The first port above the range the kernel gives outgoing connections.
+
+    A port picked there and handed to another process cannot be taken meanwhile by
+    some client's connect(). 49152 (the IANA dynamic range) where the kernel's range
+    leaves no room above it or cannot be read.
+    """
+    try:
+        with open('/proc/sys/net/ipv4/ip_local_port_range', encoding='ascii') as stream:
+            highest = int(stream.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 49152
+    return highest + 1 if highest < 65000 else 49152
+
+
 def _family_of(host: str) -> int:
     return socketlib.AF_INET6 if ':' in host else socketlib.AF_INET
 

@@ -41,7 +41,7 @@ import pytest
 from ave import config
 from ave.broker import Broker
 from ave.broker.daemon import log_dir, pid_file_path, wait_for_exit
-from ave.network.connection import find_free_port
+from ave.network.connection import above_ephemeral_ports, find_free_port
 
 CLI = [sys.executable, '-m', 'ave.broker.cli']
 CLI_TIMEOUT = 30.0
@@ -186,18 +186,10 @@ def free_port() -> int:
     Picked above the kernel's range for outgoing connections where there is room, so
     the clients of other tests cannot take it before the broker binds it.
     """
-    sock, port = find_free_port(start=_above_ephemeral_range(), listen=False)
+    sock, port = find_free_port(start=above_ephemeral_ports(), listen=False)
     sock.close()
     return port
 
-
-def _above_ephemeral_range() -> int:
-    try:
-        with open('/proc/sys/net/ipv4/ip_local_port_range', encoding='ascii') as stream:
-            highest = int(stream.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return 49152
-    return highest + 1 if highest < 65000 else 49152
 
 
 @pytest.fixture

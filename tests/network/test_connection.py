@@ -228,3 +228,11 @@ def test_pending_input_keeps_partial_frame(pair):
     with pytest.raises(ConnectionTimeout):
         server.get(timeout=0.2)
     assert server.pending_input() == struct.pack('>I', 10) + b'abc'
+
+
+def test_above_ephemeral_ports_is_past_the_kernels_outgoing_range():
+    from ave.network.connection import above_ephemeral_ports
+    with open('/proc/sys/net/ipv4/ip_local_port_range') as stream:
+        low, high = map(int, stream.read().split())
+    first = above_ephemeral_ports()
+    assert first > high or (first == 49152 and high >= 65000)
