@@ -108,12 +108,7 @@ def _start(home: str, args: argparse.Namespace) -> int:
     broker = daemon.BrokerDaemon.from_home(home, foreground=args.foreground)
     if args.foreground:
         return broker.serve_foreground()
-    try:
-        pid = broker.start(daemonize=True, synchronize=True)
-    except StartError as error:
-        raise Failure(f'the broker failed to start: {error}') from None
-    print(pid)
-    return 0
+    return _launch(broker, 'the broker failed to start')
 
 
 def _restart(home: str, args: argparse.Namespace) -> int:
@@ -125,10 +120,15 @@ def _restart(home: str, args: argparse.Namespace) -> int:
     if running is None:
         return _start(home, args)
     broker = daemon.BrokerDaemon.from_home(home, takeover_from=running)
+    return _launch(broker, f'restart failed; broker {running} serves on')
+
+
+def _launch(broker: daemon.BrokerDaemon, failure: str) -> int:
+    """Start the daemon, print its pid once it serves; its start-up failure ends here."""
     try:
         pid = broker.start(daemonize=True, synchronize=True)
     except StartError as error:
-        raise Failure(f'restart failed; broker {running} serves on: {error}') from None
+        raise Failure(f'{failure}: {error}') from None
     print(pid)
     return 0
 
