@@ -1,5 +1,10 @@
 """Helpers shared by test modules (pytest puts this directory on sys.path)."""
 import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent / 'data'
+# The serial of the handset described by tests/data/handset.umockdev.
+HANDSET_SERIAL = '2A111FDH200B7Q'
 
 
 def wait_until(predicate, timeout: float = 5.0, step: float = 0.02):

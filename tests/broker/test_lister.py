@@ -12,12 +12,10 @@ directories the test sets up. Device descriptions are the ``*.umockdev`` files i
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -30,11 +28,10 @@ from ave.profile import Profile
 
 pytestmark = pytest.mark.timeout(60)
 
-DATA = Path(__file__).resolve().parent.parent / 'data'
 DEBIAN_PYTHON = '/usr/bin/python3'
 PRELOAD = 'libumockdev-preload.so.0'
 
-SERIAL = '2A111FDH200B7Q'
+SERIAL = support.HANDSET_SERIAL
 HANDSET_USB = '/sys/devices/pci0000:00/0000:00:14.0/usb1/1-2'
 CONSOLE_UID = 'FTDI_FT232R_USB_UART_A50285BI-if00'
 CONSOLE_USB = '/sys/devices/pci0000:00/0000:00:14.0/usb1/1-3'
@@ -70,7 +67,7 @@ class UdevTestbed:
         self.root = root
 
     def add(self, name: str) -> None:
-        self.command(f'add {DATA / name}')
+        self.command(f'add {support.DATA / name}')
 
     def remove(self, sys_path: str) -> None:
         self.command(f'remove {sys_path}')
@@ -100,7 +97,7 @@ def testbed(monkeypatch):
     reason = umockdev_missing()
     if reason:
         pytest.skip(reason)
-    process = subprocess.Popen(['umockdev-wrapper', DEBIAN_PYTHON, str(DATA / 'testbed.py')],
+    process = subprocess.Popen(['umockdev-wrapper', DEBIAN_PYTHON, str(support.DATA / 'testbed.py')],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     root = process.stdout.readline().strip()
     try:
@@ -120,23 +117,6 @@ def testbed(monkeypatch):
         process.stdout.close()
         if root:
             shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def adb(tmp_path, monkeypatch):
-    """The stand-in adb first on PATH; ``adb(serial, state, boot)`` makes a handset."""
-    root = tmp_path / 'adb'
-    root.mkdir()
-    monkeypatch.setenv('AVE_TEST_ADB', str(root))
-    monkeypatch.setenv('PATH', f'{DATA / "bin"}{os.pathsep}{os.environ["PATH"]}')
-
-    def handset(serial: str, state: str = 'device', boot_completed: str = '1') -> Path:
-        directory = root / serial
-        (directory / 'fs').mkdir(parents=True, exist_ok=True)
-        (directory / 'state').write_text(state + '\n')
-        (directory / 'boot_completed').write_text(boot_completed + '\n')
-        return directory
-    return handset
 
 
 @pytest.fixture

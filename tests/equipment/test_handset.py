@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -21,11 +20,11 @@ from ave import config
 from ave.equipment import load_types
 from ave.equipment.handset import HANDSET, Handset, HandsetError, HandsetProfile
 from ave.exceptions import Timeout, details_of, exception_factory
+from support import DATA, HANDSET_SERIAL
 
 pytestmark = pytest.mark.timeout(30)
 
-DATA = Path(__file__).resolve().parent.parent / 'data'
-SERIAL = '2A111FDH200B7Q'
+SERIAL = HANDSET_SERIAL
 USB_DEVICE = '/sys/devices/pci0000:00/0000:00:14.0/usb1/1-2'
 ADB_INTERFACE = USB_DEVICE + '/1-2:1.1'
 PROFILE = {'type': 'handset', 'serial': SERIAL, 'vendor': '18d1', 'product': '4ee2',
@@ -43,23 +42,6 @@ settings = json.loads(sys.argv[1])
 devices = pyudev.Context().list_devices(subsystem='usb')
 print(json.dumps({d.sys_path: HANDSET.from_udev(d, settings) for d in devices}))
 '''
-
-
-@pytest.fixture
-def adb(tmp_path, monkeypatch):
-    """The stand-in adb first on PATH; ``adb(serial, state, boot)`` makes a handset."""
-    root = tmp_path / 'adb'
-    root.mkdir()
-    monkeypatch.setenv('AVE_TEST_ADB', str(root))
-    monkeypatch.setenv('PATH', f'{DATA / "bin"}{os.pathsep}{os.environ["PATH"]}')
-
-    def handset(serial: str = SERIAL, state: str = 'device', boot_completed: str = '1') -> Path:
-        directory = root / serial
-        (directory / 'fs').mkdir(parents=True, exist_ok=True)
-        (directory / 'state').write_text(state + '\n')
-        (directory / 'boot_completed').write_text(boot_completed + '\n')
-        return directory
-    return handset
 
 
 @pytest.fixture

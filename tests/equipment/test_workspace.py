@@ -649,7 +649,7 @@ def test_download_git_fetches_a_commit_by_hash_into_dst(ws, origin):
 @needs_git
 @pytest.mark.timeout(60)
 def test_download_git_reads_a_relative_src_from_the_workspace(ws, origin):
-    dst = ws.download_git('origin', origin['first'], dst='rel')
+    ws.download_git('origin', origin['first'], dst='rel')
     assert ws.cat('rel/version.txt') == 'one'
 
 

@@ -97,7 +97,7 @@ def test_empty_host_in_address_means_localhost(start_control):
 def test_control_serves_on_a_listening_socket_given_by_the_caller(start_control, remote):
     sock, port = find_free_port()
     try:
-        control = start_control(port=port, socket=sock)
+        start_control(port=port, socket=sock)
     finally:
         sock.close()
     assert remote(port).echo('given') == 'given', \
