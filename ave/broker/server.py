@@ -71,7 +71,6 @@ class BrokerServer(Control):
         self.allocator = Allocator(types, config['stacks'], type_settings)
         for entry in config['equipment']:
             self.allocator.add(types[entry['type']].profile_of(entry), entry, static=True)
-        self.type_settings = type_settings
         self.lister: Process | None = None
         self.clients: dict[Connection, Client] = {}
         self.sessions: dict[int, SessionRecord] = {}
@@ -332,7 +331,7 @@ class BrokerServer(Control):
             return
         from ave.broker.lister import Lister
         self.lister = Lister((self.config['host'], self.port), self.alt_keys.get('share'),
-                             listed, self.type_settings, self.home, logging=self.logging)
+                             listed, self.allocator.type_settings, self.home, logging=self.logging)
         self.lister.start()
         self.join_later(self.lister)
 

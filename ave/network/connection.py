@@ -277,12 +277,6 @@ class Connection:
         self._decoder.feed(pending_input)
         self._outbox += pending_output
 
-    def release(self) -> None:
-        """Close this process's descriptor without shutting the connection down, so
-        the process it was handed to keeps it working."""
-        if self.socket is not None:
-            self.socket.close()
-
 
 class BlockingConnection(Connection):
     """A framed connection whose calls wait, each for at most ``timeout`` seconds."""
