@@ -65,10 +65,11 @@ class Allocator:
     def key_of(self, profile: dict) -> Key:
         """The (type, identity) key of a full equipment profile."""
         equipment_type = self._type(profile.get('type'))
-        identity = equipment_type.profile_class.identity or 'uid'
-        if identity not in profile:
-            raise NoSuch(f'{profile.get("type")} profile lacks its identity {identity!r}')
-        return profile['type'], str(profile[identity])
+        try:
+            return equipment_type.key_of(profile)
+        except KeyError:
+            raise NoSuch(f'{profile.get("type")} profile lacks its identity '
+                         f'{equipment_type.identity!r}') from None
 
     def add(self, profile: dict, settings: dict | None = None, static: bool = False) -> Key:
         """Add or refresh an item; a held item keeps its holder.

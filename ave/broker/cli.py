@@ -201,7 +201,7 @@ def _not_running(status: daemon.BrokerStatus) -> str:
 
 def _identities() -> dict[str, str]:
     """Each installed type's identity key (how its items are told apart)."""
-    return {name: equipment_type.profile_class.identity or 'uid'
+    return {name: equipment_type.identity
             for name, equipment_type in daemon.load_equipment_types().items()}
 
 

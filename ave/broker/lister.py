@@ -183,5 +183,4 @@ class Lister(Process):
         return sorted({s for t in self.types.values() for s in t.udev_subsystems})
 
     def key_of(self, profile: Profile) -> Key:
-        identity = self.types[profile['type']].profile_class.identity or 'uid'
-        return profile['type'], str(profile[identity])
+        return self.types[profile['type']].key_of(profile)

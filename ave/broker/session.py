@@ -113,10 +113,12 @@ class Session(Control):
     def _key_of(self, profile: Any) -> Key:
         if not isinstance(profile, dict) or profile.get('type') not in self.types:
             raise AveException(f'not an equipment profile: {profile!r}')
-        identity = self.types[profile['type']].profile_class.identity or 'uid'
-        if identity not in profile:
-            raise AveException(f'profile lacks its identity {identity!r}: {profile!r}')
-        return profile['type'], str(profile[identity])
+        equipment_type = self.types[profile['type']]
+        try:
+            return equipment_type.key_of(profile)
+        except KeyError:
+            raise AveException(f'profile lacks its identity {equipment_type.identity!r}: '
+                               f'{profile!r}') from None
 
     # -- ending ------------------------------------------------------------------------
 

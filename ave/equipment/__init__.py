@@ -64,6 +64,18 @@ class EquipmentType:
     # booted handset unless it asks for another power_state).
     request_defaults: Mapping[str, Any] = MappingProxyType({})
 
+    @property
+    def identity(self) -> str:
+        """The profile key that tells two items of this type apart."""
+        return self.profile_class.identity or 'uid'
+
+    def key_of(self, profile: dict) -> tuple[str, str]:
+        """``(type, identity value)``: how broker and session name an item.
+
+        Raises KeyError (naming the key) if the profile lacks its identity.
+        """
+        return self.name, str(profile[self.identity])
+
     def load_settings(self, home: str) -> dict:
         """Type-wide settings the broker reads at start (workspace.json, say)."""
         return {}
