@@ -260,6 +260,22 @@ class Connection:
             self.close()
             raise ConnectionClosed(str(error))
 
+    def fill(self) -> None:
+        """Read what the socket has into the input buffer without taking frames out;
+        ConnectionClosed when the peer has gone."""
+        data = self._recv(RECV_SIZE)
+        if data is not None:
+            self._decoder.feed(data)
+
+    def limit_input(self, limit: int) -> None:
+        """Refuse incoming frames over ``limit`` from now on (outgoing ones keep
+        ``self.limit``): a peer that has not authenticated gets a tiny allowance."""
+        self._decoder.limit = limit
+
+    def buffered_input(self) -> int:
+        """Bytes received and not yet taken out as frames."""
+        return self._decoder.buffered()
+
     def _read_size(self) -> int:
         wanted = self._decoder.wanted()
         return RECV_SIZE if wanted <= RECV_SIZE else min(wanted, LARGE_RECV_SIZE)

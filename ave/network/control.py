@@ -1,140 +1,62 @@
-"""RPC services (``Control``) and their clients (``RemoteControl``).
+"""RPC services: ``Control``, a service serving framed JSON requests on an event loop.
 
-A Control is a single-threaded event loop on ``selectors`` serving framed JSON
-requests. Each registered descriptor carries one small object whose ``state`` names
-the handler that deals with it:
-
-    listening       the accepting socket: new peers start authenticating
-    authenticating  challenge sent, waiting for the HMAC digest (dropped after 10 s)
-    established     requests in, replies out
-    watched         added by the service itself; only its liveness matters
-    joining         a pidfd of a child Process handed to ``join_later``
-    waking          the signal wake-up socket, so SIGTERM is handled between steps
-
-Reading this file top to bottom answers "what happens to a request": it is read in
+What the frames contain is ``ave.network.protocol``'s business, what state a
+connection is in is ``ave.network.peer``'s, and timers, signals, worker threads and
+child processes are ``ave.network.loop``'s; this module moves bytes and peers between
+them. Reading it top to bottom answers "what happens to a request": it is read in
 ``_on_established``, decoded and checked in ``_serve``, authorized in ``_find_rpc``,
-and answered through ``_reply``.
+called through ``invoke`` and answered through ``_send`` (at once, or later through
+a ``Reply`` when the method deferred it).
 """
 from __future__ import annotations
 
-import hashlib
-import heapq
-import hmac
-import base64
-import itertools
-import json
+import errno
 import logging as logginglib
-import os
-import secrets
 import selectors
-import signal
 import socket as socketlib
 import time
-from collections import deque
+from collections import defaultdict, deque
 from typing import Any, Callable
 
-from ave.exceptions import AuthError, AveException, Exit, details_of, exception_factory
-from ave.network import framing
-from ave.network.connection import BlockingConnection, Connection
+from ave.exceptions import AuthError, AveException, Exit
+from ave.logs import Throttle, clip
+from ave.network import peer as peers
+from ave.network import protocol
+from ave.network.connection import Connection
 from ave.network.exceptions import ConnectionAgain, ConnectionClosed
-from ave.network.process import Process
+from ave.network.limits import Limits
+from ave.network.loop import EventLoop
+from ave.network.peer import (AUTHENTICATING, CLOSED, ESTABLISHED, IN_SERVICE, RELEASED,
+                              SERVING, WATCHED, Peer)
+from ave.network.protocol import CHALLENGE_PREFIX, NONCE_SIZE  # noqa: F401 (re-exported)
+from ave.network.remote import RemoteControl  # noqa: F401 (re-exported)
+from ave.network.rpc import Dispatch, Reply, auth, preauth, rpc
 
-CHALLENGE_PREFIX = b'#CHALLENGE#'
-NONCE_SIZE = 32
+__all__ = ['Control', 'RemoteControl', 'Reply', 'auth', 'preauth', 'rpc']
+
 HANDSHAKE_TIMEOUT = 10.0
 EXIT_FLUSH_TIMEOUT = 1.0
+ACCEPT_BATCH = 64
+#: Pause after the process ran out of descriptors, doubled while it lasts.
+ACCEPT_BACKOFF = (0.05, 1.0)
+#: Input a serving peer may buffer before it is no longer read (its next requests).
+SERVING_INPUT_CAP = 64 * 1024
+_OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 LISTENING = 'listening'
-AUTHENTICATING = 'authenticating'
-ESTABLISHED = 'established'
-WATCHED = 'watched'
-JOINING = 'joining'
-WAKING = 'waking'
-
-NO_ACCOUNTS: frozenset[str] = frozenset()  # shared: thousands of peers hold no account
 
 log = logginglib.getLogger(__name__)
 
 
-# -- decorators -------------------------------------------------------------------------
-# They only mark the function, so they stack in any order.
+class _Listener:
+    __slots__ = ('connection', 'state')
 
-def rpc(function: Callable) -> Callable:
-    """Make a Control method callable over the network.
-
-    The access marks are given defaults here so that checking them on every call is
-    a plain attribute hit: a ``getattr`` that misses raises and catches internally.
-    """
-    function.ave_rpc = True
-    function.__dict__.setdefault('ave_auth', False)
-    function.__dict__.setdefault('ave_preauth', None)
-    return function
-
-
-def auth(function: Callable) -> Callable:
-    """Admit only clients holding the Control's primary key (everyone if it has none)."""
-    function.ave_auth = True
-    return function
-
-
-def preauth(*accounts: str) -> Callable[[Callable], Callable]:
-    """Admit only clients holding one of these accounts' keys.
-
-    When none of the named accounts has a key configured, everyone is admitted: a lab
-    that never set keys is not locked out of its own tools.
-    """
-    def mark(function: Callable) -> Callable:
-        function.ave_preauth = tuple(accounts)
-        return function
-    return mark
-
-
-# -- per-descriptor state ---------------------------------------------------------------
-
-class Peer:
-    """One connection and everything the loop knows about it."""
-
-    __slots__ = ('connection', 'fd', 'state', 'writing', 'challenge', 'deadline',
-                 'authkey', 'primary', 'accounts')
-
-    def __init__(self, connection: Connection, state: str) -> None:
+    def __init__(self, connection: Connection) -> None:
         self.connection = connection
-        self.fd = connection.fileno()
-        self.state = state
-        self.writing = False
-        self.challenge = b''
-        self.deadline = 0.0
-        self.authkey: str | None = None
-        self.primary = False
-        self.accounts: frozenset[str] = NO_ACCOUNTS
-
-    @property
-    def authenticated(self) -> bool:
-        return self.primary or bool(self.accounts)
+        self.state = LISTENING
 
 
-class _Joining:
-    __slots__ = ('process', 'pidfd', 'state')
-
-    def __init__(self, process: Process, pidfd: int) -> None:
-        self.process = process
-        self.pidfd = pidfd
-        self.state = JOINING
-
-
-class _Waking:
-    __slots__ = ('receiver', 'sender', 'state')
-
-    def __init__(self) -> None:
-        self.receiver, self.sender = socketlib.socketpair()
-        self.receiver.setblocking(False)
-        self.sender.setblocking(False)
-        self.state = WAKING
-
-
-# -- the server -------------------------------------------------------------------------
-
-class Control(Process):
+class Control(EventLoop):
     """An RPC service: a Process that serves ``@rpc`` methods of its subclass."""
 
     rpc = staticmethod(rpc)
@@ -145,51 +67,46 @@ class Control(Process):
                  socket: socketlib.socket | None = None, alt_keys: dict | None = None,
                  interval: float | None = None, home: str | None = None,
                  proc_name: str | None = None, logging: bool = False,
-                 host: str = '127.0.0.1') -> None:
-        super().__init__(logging=logging, proc_name=proc_name)
+                 host: str = '127.0.0.1', limits: Limits | None = None) -> None:
+        super().__init__(interval=interval, logging=logging, proc_name=proc_name)
         self.home = home
         self.authkey = authkey
         self.alt_keys = dict(alt_keys or {})
-        self.interval = interval
-        self.keep_going = True
+        self.limits = limits or Limits()
         self.caller: Peer | None = None
-        self._selector: selectors.BaseSelector | None = None
+        self._dispatch: Dispatch | None = None
         # No port and no socket: the listening socket will be adopted from a
         # predecessor (see adopt_listener), as a restarting broker does.
         self.listener: Connection | None = None
         self.port: int | None = None
         if port is not None or socket is not None:
-            self.adopt_listener(self._make_listener(host, port, socket).socket)
+            self.adopt_listener(_make_listener(host, port, socket))
+        self._peers: dict[Connection, Peer] = {}
         self._handshakes: deque[Peer] = deque()
-        self._timers: list[tuple[float, int, Callable]] = []
-        self._timer_order = itertools.count()
-        self._last_activity = time.monotonic()
-        self._waking: _Waking | None = None
-        self._terminating = False
-        self._handlers = {
+        self._accept_pause = ACCEPT_BACKOFF[0]
+        self._per_address: defaultdict[str, int] = defaultdict(int)
+        self._accepted = 0
+        self._buffered = 0
+        self.throttle = Throttle(log)
+        self._handlers.update({
             LISTENING: self._on_listening,
             AUTHENTICATING: self._on_authenticating,
             ESTABLISHED: self._on_established,
+            SERVING: self._on_serving,
             WATCHED: self._on_watched,
-            JOINING: self._on_joining,
-            WAKING: self._on_waking,
-        }
+        })
 
     def adopt_listener(self, sock: socketlib.socket) -> None:
         """Accept clients on ``sock`` (already bound and listening)."""
         self.listener = Connection(sock.getsockname()[:2], sock)
         self.port = self.listener.address[1]
         if self._selector is not None:
-            self._selector.register(self.listener.fileno(), selectors.EVENT_READ,
-                                    Peer(self.listener, LISTENING))
+            self._selector_made(self._selector)
 
-    @staticmethod
-    def _make_listener(host: str, port: int, sock: socketlib.socket | None) -> Connection:
-        if sock is not None:
-            return Connection(sock.getsockname()[:2], sock)
-        listener = Connection((host, port))
-        listener.listen()
-        return listener
+    def _selector_made(self, selector: selectors.BaseSelector) -> None:
+        if self.listener is not None and not self.listener.closed:
+            selector.register(self.listener.fileno(), selectors.EVENT_READ,
+                              _Listener(self.listener))
 
     # -- hooks for subclasses ----------------------------------------------------------
 
@@ -198,12 +115,6 @@ class Control(Process):
 
     def lost_connection(self, connection: Connection, authkey: str | None) -> None:
         """Called when an established or added connection is gone, whoever closed it."""
-
-    def joined_process(self, pid: int, exit: int | None) -> None:
-        """Called when a process handed to ``join_later`` has been reaped."""
-
-    def idle(self) -> None:
-        """Called after ``interval`` seconds without any traffic."""
 
     # -- running -----------------------------------------------------------------------
 
@@ -216,145 +127,109 @@ class Control(Process):
         try:
             return super().start(daemonize, synchronize)
         finally:
-            if self.listener is not None:
+            if self.listener is not None and self.listener.socket is not None:
                 self.listener.socket.close()
 
     def close_fds(self, exclude: list[int]) -> None:
         super().close_fds(exclude + ([] if self.listener is None else [self.listener.fileno()]))
 
-    def initialize(self) -> None:
-        super().initialize()
-        self._waking = _Waking()
-        signal.set_wakeup_fd(self._waking.sender.fileno(), warn_on_full_buffer=False)
-        self._loop().register(self._waking.receiver.fileno(), selectors.EVENT_READ,
-                              self._waking)
+    def _next_deadline(self) -> float | None:
+        return self._handshakes[0].deadline if self._handshakes else None
 
-    def handle_SIGTERM(self, signum: int, frame: Any) -> None:
-        """Ask the loop for an orderly shutdown; the wake-up socket interrupts its wait."""
-        self._terminating = True
-
-    def run(self) -> None:
-        """The service's main loop: step until shut down (exit status 0)."""
-        while self.keep_going:
-            self.step_main()
-
-    def step_main(self, timeout: float | None = None) -> None:
-        """Wait for traffic (at most ``timeout`` s) and dispatch all of it once.
-
-        Public so that tests can drive a Control in-process, deterministically.
-        """
-        if not self.keep_going:
-            raise Exit('the service has shut down')
-        selector = self._loop()
-        events = selector.select(self._wait_time(timeout))
-        for key, mask in events:
-            item = key.data
-            if not self.keep_going:
-                return  # an RPC shut the service down: the rest of the batch is moot
-            if item.state is not None:
-                self._handlers[item.state](item, mask)
-        now = time.monotonic()
-        if events:
-            self._last_activity = now
+    def _after_events(self, now: float) -> None:
         self._expire_handshakes(now)
-        self._run_due_timers(now)
-        if self._terminating and self.keep_going:
-            self.shutdown()
-        elif self.interval is not None and now - self._last_activity >= self.interval:
-            self._last_activity = now
-            self._call_hook(self.idle)
 
-    def _loop(self) -> selectors.BaseSelector:
-        """The selector, made on first use so that a forked child gets its own."""
-        if self._selector is None:
-            self._selector = selectors.DefaultSelector()
-            if self.listener is not None:
-                self._selector.register(self.listener.fileno(), selectors.EVENT_READ,
-                                        Peer(self.listener, LISTENING))
-        return self._selector
+    # -- accepting and handshakes ------------------------------------------------------
 
-    def _wait_time(self, timeout: float | None) -> float | None:
-        limits = [] if timeout is None else [timeout]
-        now = time.monotonic()
-        if self._handshakes:
-            limits.append(self._handshakes[0].deadline - now)
-        if self._timers:
-            limits.append(self._timers[0][0] - now)
-        if self.interval is not None:
-            limits.append(self._last_activity + self.interval - now)
-        return max(0.0, min(limits)) if limits else None
-
-    def call_later(self, delay: float, function: Callable[[], Any]) -> None:
-        """Run ``function`` from the loop after ``delay`` seconds (never earlier)."""
-        deadline = time.monotonic() + delay
-        heapq.heappush(self._timers, (deadline, next(self._timer_order), function))
-
-    def _run_due_timers(self, now: float) -> None:
-        while self._timers and self._timers[0][0] <= now and self.keep_going:
-            _, _, function = heapq.heappop(self._timers)
-            self._call_hook(function)
-
-    def _call_hook(self, hook: Callable, *args: Any) -> None:
-        """Run a subclass hook; its failure is logged and never stops the service."""
-        try:
-            hook(*args)
-        except Exception:
-            log.exception('%s failed', getattr(hook, '__name__', hook))
-
-    # -- connections -------------------------------------------------------------------
-
-    def _on_listening(self, peer: Peer, mask: int) -> None:
-        for _ in range(64):
+    def _on_listening(self, listener: _Listener, mask: int) -> None:
+        for _ in range(ACCEPT_BATCH):
             try:
-                connection = self.listener.accept()
+                connection = listener.connection.accept()
             except ConnectionAgain:
+                break
+            except OSError as error:
+                if error.errno in _OUT_OF_DESCRIPTORS:
+                    self._pause_accepting(error)
+                else:
+                    self.throttle.warning('accept', 'accept failed: %s', error)
                 return
-            except (ConnectionClosed, OSError) as error:
-                log.warning('accept failed: %s', error)
+            except ConnectionClosed as error:
+                self.throttle.warning('accept', 'accept failed: %s', error)
                 return
-            self._begin_handshake(connection)
+            self._admit(connection)
+        self._accept_pause = ACCEPT_BACKOFF[0]
 
-    def _begin_handshake(self, connection: Connection) -> None:
+    def _pause_accepting(self, error: OSError) -> None:
+        """Out of descriptors: stop accepting for a moment instead of spinning on it."""
+        assert self.listener is not None
+        self.throttle.warning('descriptors', 'cannot accept clients (%s); pausing %.2f s',
+                              error.strerror, self._accept_pause)
+        self._loop().unregister(self.listener.fileno())
+        self.call_later(self._accept_pause, self._resume_accepting)
+        self._accept_pause = min(self._accept_pause * 2, ACCEPT_BACKOFF[1])
+
+    def _resume_accepting(self) -> None:
+        if self.listener is not None and not self.listener.closed \
+                and self.listener.fileno() not in self._loop().get_map():
+            self._selector_made(self._loop())
+
+    def _admit(self, connection: Connection) -> None:
+        """Start the handshake, unless the connection caps refuse the newcomer."""
+        address = str(connection.address[0])
+        refusal = self._refusal(address)
+        if refusal is not None:
+            self.throttle.warning('refused', 'refusing a client: %s', refusal)
+            _refuse(connection, refusal)
+            return
+        connection.limit_input(protocol.HANDSHAKE_FRAME_LIMIT)
         peer = Peer(connection, AUTHENTICATING)
-        peer.challenge = secrets.token_bytes(NONCE_SIZE)
-        peer.deadline = time.monotonic() + HANDSHAKE_TIMEOUT
-        self._loop().register(peer.fd, selectors.EVENT_READ, peer)
+        peer.address_key = address
+        self._per_address[address] += 1
+        self._accepted += 1
+        peer.nonce, frame = protocol.challenge()
+        peer.deadline = time.monotonic() + (self.limits.handshake_s or HANDSHAKE_TIMEOUT)
         self._handshakes.append(peer)
-        self._send(peer, CHALLENGE_PREFIX + peer.challenge)
+        self._watch(peer)
+        self._send(peer, frame)
+
+    def _refusal(self, address: str) -> str | None:
+        if self._accepted >= self.limits.connections:
+            return f'too many connections (limit {self.limits.connections})'
+        if self._per_address[address] >= self.limits.connections_per_address:
+            return (f'too many connections from {address} '
+                    f'(limit {self.limits.connections_per_address})')
+        return None
 
     def _expire_handshakes(self, now: float) -> None:
         while self._handshakes and (self._handshakes[0].state != AUTHENTICATING
                                     or self._handshakes[0].deadline <= now):
             peer = self._handshakes.popleft()
             if peer.state == AUTHENTICATING:
-                log.info('dropping %s: handshake not finished in time', peer.connection)
-                self._drop(peer)
+                self.throttle.info('handshake', 'dropping %s: handshake not finished in '
+                                   'time', peer.connection)
+                self._close(peer)
 
     def _on_authenticating(self, peer: Peer, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
             self._flush(peer)
         if mask & selectors.EVENT_READ and peer.state == AUTHENTICATING:
-            digest = self._receive(peer)
-            if digest is not None:
-                self._authenticate(peer, digest)
-                if peer.state == ESTABLISHED:
-                    self._serve_buffered(peer)
+            answer = self._receive(peer)
+            if answer is not None:
+                self._authenticate(peer, answer)
 
-    def _authenticate(self, peer: Peer, digest: bytes) -> None:
+    def _authenticate(self, peer: Peer, answer: bytes) -> None:
         """Match the digest against every key; a wrong key still connects, unprivileged."""
-        primary = _digest_matches(self.authkey, peer.challenge, digest)
-        accounts = frozenset(name for name, key in self.alt_keys.items()
-                             if key and _digest_matches(key, peer.challenge, digest)
-                             ) or NO_ACCOUNTS
-        peer.primary = primary
-        peer.accounts = accounts
-        peer.authkey = self.authkey if primary else (
-            self.alt_keys[min(accounts)] if accounts else None)
-        peer.state = ESTABLISHED
-        peer.challenge = b''
-        self._send(peer, json.dumps({'authenticated': peer.authenticated}))
+        peer.credentials = protocol.authenticate(peer.nonce, answer, self.authkey,
+                                                 self.alt_keys)
+        peer.nonce = b''
+        peer.connection.limit_input(self.limits.frame_bytes)
+        self._move(peer, ESTABLISHED)
+        self._send(peer, protocol.verdict(peer.credentials))
         if peer.state == ESTABLISHED:
             self._call_hook(self.new_connection, peer.connection, peer.authkey)
+            self._serve_buffered(peer)
+
+    # -- connections the service makes or gives away -----------------------------------
 
     def add_connection(self, connection: Connection, authkey: str | None = None,
                        watched: bool = False) -> None:
@@ -363,18 +238,19 @@ class Control(Process):
         ``authkey`` grants the rights that key would have earned in a handshake.
         """
         peer = Peer(connection, WATCHED if watched else ESTABLISHED)
-        peer.primary = authkey is not None and authkey == self.authkey
-        peer.accounts = frozenset(name for name, key in self.alt_keys.items()
-                                  if key and key == authkey)
-        peer.authkey = authkey
-        self._loop().register(peer.fd, selectors.EVENT_READ, peer)
+        peer.credentials = protocol.credentials_of(authkey, self.authkey, self.alt_keys)
+        self._watch(peer)
         self._flush(peer)
 
     def remove_connection(self, connection: Connection) -> None:
         """Stop serving a connection without closing it (the caller owns it now)."""
-        fd = connection.fileno()
-        if self._selector is not None and fd in self._selector.get_map():
-            self._forget(self._selector.get_map()[fd].data)
+        peer = self.peer_of(connection)
+        if peer is not None:
+            self._move(peer, RELEASED)
+
+    def peer_of(self, connection: Connection) -> Peer | None:
+        """The live peer of a connection this service serves, if any."""
+        return self._peers.get(connection)
 
     def stop_listening(self) -> None:
         """Stop accepting new clients and close the listening socket."""
@@ -384,90 +260,89 @@ class Control(Process):
             self._selector.unregister(self.listener.fileno())
         self.listener.close()
 
-    def _on_watched(self, peer: Peer, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE:
-            self._flush(peer)
-        if mask & selectors.EVENT_READ:
-            while self._receive(peer) is not None:
-                continue  # a watched peer's messages carry no requests
+    # -- the one place where peers change state ----------------------------------------
 
-    def _forget(self, peer: Peer) -> None:
-        """Unregister by the descriptor number kept at registration, even if closed."""
-        if peer.state is not None and self._selector is not None:
-            self._selector.unregister(peer.fd)
-        peer.state = None
+    def _watch(self, peer: Peer) -> None:
+        """Start serving a new peer: known by its connection, watched by the selector."""
+        self._peers[peer.connection] = peer
+        self._update_interest(peer)
 
-    def _drop(self, peer: Peer) -> None:
-        """Close a peer's connection and tell the subclass if it had been in service."""
-        was = peer.state
-        self._forget(peer)
-        peer.connection.close()
-        if was in (ESTABLISHED, WATCHED):
-            self._call_hook(self.lost_connection, peer.connection, peer.authkey)
+    def _move(self, peer: Peer, state: str) -> None:
+        """Change a peer's state, keep the selector and the counts in step with it, and
+        tell the subclass when a connection it knew about is gone."""
+        previous = peer.move(state)
+        if state in (CLOSED, RELEASED):
+            del self._peers[peer.connection]
+            self._update_interest(peer)
+            self._uncount(peer)
+            if state == CLOSED:
+                peer.connection.close()
+                if previous in IN_SERVICE:
+                    self._call_hook(self.lost_connection, peer.connection, peer.authkey)
+            return
+        if state == ESTABLISHED:
+            peer.parked = False
+        self._update_interest(peer)
+
+    def _update_interest(self, peer: Peer) -> None:
+        """Make the selector watch what the peer's state and buffers call for.
+
+        Unregistering uses the descriptor number kept at registration, so it works
+        after the connection was closed too.
+        """
+        events = peer.wanted_events(selectors.EVENT_READ, selectors.EVENT_WRITE)
+        if events == peer.registered_events:
+            return
+        selector = self._loop()
+        if events == 0:
+            selector.unregister(peer.fd)
+        elif peer.registered_events == 0:
+            selector.register(peer.fd, events, peer)
+        else:
+            selector.modify(peer.fd, events, peer)
+        peer.registered_events = events
+
+    def _uncount(self, peer: Peer) -> None:
+        self._buffered -= peer.buffered
+        peer.buffered = 0
+        if peer.address_key is not None:
+            self._accepted -= 1
+            self._per_address[peer.address_key] -= 1
+            if not self._per_address[peer.address_key]:
+                del self._per_address[peer.address_key]
+            peer.address_key = None
+
+    def _close(self, peer: Peer) -> None:
+        if peer.live:
+            self._move(peer, CLOSED)
+
+    # -- reading -----------------------------------------------------------------------
 
     def _receive(self, peer: Peer) -> bytes | None:
-        """One buffered or freshly read frame, or None; a broken peer is dropped."""
+        """One buffered or freshly read frame, or None; a broken peer is closed."""
         try:
-            return peer.connection.get()
+            frame = peer.connection.get()
         except ConnectionClosed as error:
             log.debug('%s gone: %s', peer.connection, error)
         except OSError as error:
-            log.warning('%s failed: %s', peer.connection, error)
-        self._drop(peer)
+            self.throttle.warning('read', '%s failed: %s', peer.connection, error)
+        else:
+            self._account(peer)
+            return frame
+        self._close(peer)
         return None
 
-    # -- handing connections to a successor ---------------------------------------------
-
-    def export_peers(self) -> list[tuple[Peer, dict]]:
-        """Every served connection with a JSON description a successor can adopt.
-
-        Nothing is closed or changed: if the handover fails, serving simply goes on.
-        Partly read frames and unsent replies are part of the description.
-        """
-        exported = []
-        now = time.monotonic()
-        for key in self._loop().get_map().values():
-            peer = key.data
-            if not isinstance(peer, Peer) or peer.state not in (
-                    AUTHENTICATING, ESTABLISHED, WATCHED):
-                continue
-            exported.append((peer, {
-                'state': peer.state, 'address': list(peer.connection.address),
-                'input': _b64(peer.connection.pending_input()),
-                'output': _b64(peer.connection.pending_output()),
-                'challenge': peer.challenge.hex(),
-                'deadline_in': max(0.0, peer.deadline - now),
-                'authkey': peer.authkey, 'primary': peer.primary,
-                'accounts': sorted(peer.accounts)}))
-        return exported
-
-    def import_peer(self, sock: socketlib.socket, description: dict) -> Connection:
-        """Serve a connection a predecessor described with ``export_peers``."""
-        connection = Connection(tuple(description['address']), sock)
-        connection.restore(base64.b64decode(description['input']),
-                           base64.b64decode(description['output']))
-        peer = Peer(connection, description['state'])
-        peer.authkey = description['authkey']
-        peer.primary = bool(description['primary'])
-        peer.accounts = frozenset(description['accounts']) or NO_ACCOUNTS
-        peer.challenge = bytes.fromhex(description['challenge'])
-        # Nothing is written here: until the predecessor confirms it has let go, the
-        # queued output is still its to send. The loop sends it once running.
-        peer.writing = connection.has_output
-        events = selectors.EVENT_WRITE if peer.writing else selectors.EVENT_READ
-        self._loop().register(peer.fd, events, peer)
-        if peer.state == AUTHENTICATING:
-            peer.deadline = time.monotonic() + description['deadline_in']
-            self._handshakes.append(peer)
-        return connection
-
-    def serve_imported(self) -> None:
-        """Answer requests that arrived whole before the handover but were not served."""
-        for key in list(self._loop().get_map().values()):
-            if isinstance(key.data, Peer) and key.data.state == ESTABLISHED:
-                self._serve_buffered(key.data)
-
-    # -- requests ----------------------------------------------------------------------
+    def _account(self, peer: Peer) -> None:
+        """Keep the total of partly received frames under its cap: the peer whose read
+        went past it is dropped, so no crowd of half-sent frames can exhaust memory."""
+        size = peer.connection.buffered_input()
+        self._buffered += size - peer.buffered
+        peer.buffered = size
+        if size and self._buffered > self.limits.buffered_bytes:
+            self.throttle.warning('buffered', 'dropping %s: peers hold %d bytes of '
+                                  'unfinished frames (limit %d)', peer.connection,
+                                  self._buffered, self.limits.buffered_bytes)
+            self._close(peer)
 
     def _on_established(self, peer: Peer, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
@@ -479,17 +354,41 @@ class Control(Process):
                 self._serve(peer, payload)
                 self._serve_buffered(peer)
 
+    def _on_serving(self, peer: Peer, mask: int) -> None:
+        """A reply is owed: read only to notice the peer leaving, and only so much."""
+        if mask & selectors.EVENT_WRITE:
+            self._flush(peer)
+        if not mask & selectors.EVENT_READ or peer.state != SERVING:
+            return
+        try:
+            peer.connection.fill()
+        except ConnectionClosed:
+            self._close(peer)
+            return
+        except OSError as error:
+            self.throttle.warning('read', '%s failed: %s', peer.connection, error)
+            self._close(peer)
+            return
+        self._account(peer)
+        if peer.state == SERVING and peer.connection.buffered_input() > SERVING_INPUT_CAP:
+            peer.parked = True
+            self._update_interest(peer)
+
+    def _on_watched(self, peer: Peer, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush(peer)
+        if mask & selectors.EVENT_READ:
+            while peer.state == WATCHED and self._receive(peer) is not None:
+                continue  # a watched peer's messages carry no requests
+
     def serve_pending(self, connection: Connection) -> None:
         """Serve, right now, every request already waiting on ``connection``.
 
         For a service that must see one peer's earlier messages before answering
         another (a session applying its broker's updates before a client's call).
         """
-        key = self._loop().get_map().get(connection.fileno())
-        if key is None or key.data.state != ESTABLISHED:
-            return
-        peer = key.data
-        while peer.state == ESTABLISHED and self.keep_going:
+        peer = self.peer_of(connection)
+        while peer is not None and peer.state == ESTABLISHED and self.keep_going:
             payload = self._receive(peer)
             if payload is None:
                 return
@@ -498,40 +397,94 @@ class Control(Process):
     def _serve_buffered(self, peer: Peer) -> None:
         """Answer requests that arrived in the same read as the previous one.
 
-        Stops while replies are still unsent: see ``_flush``.
+        Stops while replies are still unsent (see ``_flush``) or one is owed.
         """
         while peer.state == ESTABLISHED and self.keep_going and not peer.writing:
             try:
                 payload = peer.connection.next_frame()
             except ConnectionClosed:
-                self._drop(peer)
+                self._close(peer)
                 return
             if payload is None:
                 return
+            self._account(peer)
             self._serve(peer, payload)
 
+    # -- serving -----------------------------------------------------------------------
+
     def _serve(self, peer: Peer, payload: bytes) -> None:
-        """Decode, authorize, call and answer one request. Bad input is answered too."""
+        """Decode, authorize, call and answer one request. Bad input is answered too.
+
+        The caller and the dispatch record are restored afterwards, so a request
+        served from inside another (``serve_pending``) leaves the outer one intact.
+        """
+        saved = self.caller, self._dispatch
         try:
-            request = json.loads(payload)
-        except (ValueError, RecursionError) as error:
-            self._reply_exception(peer, AveException(f'malformed request: {error}'))
-            return
-        is_async = isinstance(request, dict) and request.get('async') is True
-        self.caller = peer
-        try:
-            method, resource, vargs, kwargs = _parse_request(request)
-            result = self._find_rpc(peer, method, resource)(*vargs, **kwargs)
-        except Exception as error:
-            if is_async:
-                log.info('async call failed: %s', error)
-            else:
-                self._reply_exception(peer, error)
-            return
+            self._serve_one(peer, payload)
         finally:
-            self.caller = None
-        if not is_async:
-            self._reply(peer, result)
+            self.caller, self._dispatch = saved
+
+    def _serve_one(self, peer: Peer, payload: bytes) -> None:
+        try:
+            request = protocol.decode(payload)
+        except AveException as error:
+            self._send(peer, protocol.encode_exception(error))
+            return
+        dispatch = Dispatch(peer, protocol.is_async_payload(request))
+        self.caller, self._dispatch = peer, dispatch
+        try:
+            parsed = protocol.parse_request(request)
+            result = self.invoke(self._find_rpc(peer, parsed.method, parsed.resource),
+                                 parsed.vargs, parsed.kwargs)
+        except Exception as error:
+            if dispatch.reply is not None:
+                dispatch.reply.done = True
+            if dispatch.is_async:
+                self.throttle.info('async', 'one-way call failed: %s', clip(str(error)))
+            else:
+                self._send(peer, protocol.encode_exception(error))
+            return
+        if dispatch.reply is None:
+            if not dispatch.is_async:
+                self._send(peer, protocol.encode_result(result))
+        elif not dispatch.reply.done and peer.state == ESTABLISHED:
+            peer.reply_is_async = dispatch.is_async
+            self._move(peer, SERVING)
+
+    def invoke(self, function: Callable, vargs: list, kwargs: dict) -> Any:
+        """Call the RPC a request named; a service may run some calls elsewhere
+        (a session runs resource calls in worker threads, through ``defer``)."""
+        return function(*vargs, **kwargs)
+
+    def defer(self) -> Reply:
+        """Answer the request being served later, through the returned Reply.
+
+        The peer's next requests wait until then; the loop goes on serving others.
+        """
+        if self._dispatch is None:
+            raise RuntimeError('defer() is only possible while serving a request')
+        if self._dispatch.reply is None:
+            self._dispatch.reply = Reply(self, self._dispatch.peer, self._dispatch.is_async)
+        return self._dispatch.reply
+
+    def owed_reply(self, connection: Connection) -> Reply | None:
+        """The Reply owed to a peer adopted in state serving (a predecessor's call)."""
+        peer = self.peer_of(connection)
+        if peer is None or peer.state != SERVING:
+            return None
+        return Reply(self, peer, peer.reply_is_async)
+
+    def _finish_reply(self, reply: Reply, encode: Callable[[], str]) -> None:
+        if reply.done:
+            return
+        reply.done = True
+        peer = reply.peer
+        if peer.state != SERVING:
+            return  # gone, or handed to a successor that answers it
+        self._move(peer, ESTABLISHED)
+        if not reply.is_async:
+            self._send(peer, encode())
+        self._serve_buffered(peer)
 
     def _find_rpc(self, peer: Peer, method: str, resource: Any) -> Callable:
         """The bound method a request names, if it is an RPC this peer may call."""
@@ -551,10 +504,10 @@ class Control(Process):
         if resource is not None:
             raise AveException(f'{type(self).__name__} hosts no resources')
         if method.startswith('_'):
-            raise AveException(f'no such RPC: {method}')
+            raise AveException(f'no such RPC: {clip(method, 80)}')
         function = getattr(type(self), method, None)
         if not getattr(function, 'ave_rpc', False):
-            raise AveException(f'no such RPC: {method}')
+            raise AveException(f'no such RPC: {clip(method, 80)}')
         return getattr(self, method)
 
     def notify(self, connection: Connection, method: str, *vargs: Any,
@@ -563,38 +516,26 @@ class Control(Process):
 
         The peer must itself be a Control; it never answers, so the loop never waits.
         """
-        key = None if connection.closed else self._loop().get_map().get(connection.fileno())
-        if key is None or not isinstance(key.data, Peer):
+        peer = self.peer_of(connection)
+        if peer is None:
             raise ConnectionClosed(f'{connection} is not served by this service')
-        self._send(key.data, json.dumps({
-            'method': method, 'resource': None, 'async': True,
-            'params': {'vargs': list(vargs), 'kwargs': kwargs}}))
+        self._send(peer, protocol.encode_request(method, None, vargs, kwargs, True))
 
-    def _reply(self, peer: Peer, result: Any) -> None:
-        try:
-            payload = json.dumps({'result': result})
-        except (TypeError, ValueError, RecursionError) as error:
-            self._reply_exception(peer, AveException(f'result cannot be sent: {error}'))
-            return
-        self._send(peer, payload)
-
-    def _reply_exception(self, peer: Peer, error: BaseException) -> None:
-        self._send(peer, json.dumps({'exception': details_of(error)}, default=repr))
+    # -- writing -----------------------------------------------------------------------
 
     def _send(self, peer: Peer, payload: bytes | str) -> None:
         """Queue a frame and push it out; what the kernel refuses waits for writability."""
-        if peer.state is None:
+        if not peer.live:
             return
         try:
             peer.connection.put(payload)
         except ConnectionAgain:
             pass  # the rest is queued; _flush below asks for writability
-        except framing.FrameTooLarge as error:
-            peer.connection.queue(json.dumps(
-                {'exception': details_of(AveException(str(error)))}))
+        except ValueError as error:  # FrameTooLarge: say so instead of the reply
+            peer.connection.queue(protocol.encode_exception(AveException(str(error))))
         except (ConnectionClosed, OSError) as error:
             log.debug('%s gone while writing: %s', peer.connection, error)
-            self._drop(peer)
+            self._close(peer)
             return
         self._flush(peer)
 
@@ -603,45 +544,47 @@ class Control(Process):
             done = peer.connection.flush()
         except (ConnectionClosed, OSError) as error:
             log.debug('%s gone while writing: %s', peer.connection, error)
-            self._drop(peer)
+            self._close(peer)
             return
         if peer.writing == done:
             # Backpressure: a peer is not read while its replies wait to be sent, so a
             # client that never reads cannot make the service queue without limit.
             peer.writing = not done
-            events = selectors.EVENT_WRITE if peer.writing else selectors.EVENT_READ
-            self._loop().modify(peer.fd, events, peer)
+            self._update_interest(peer)
 
-    # -- processes ---------------------------------------------------------------------
+    # -- handing connections to a successor ---------------------------------------------
 
-    def join_later(self, process: Process) -> None:
-        """Reap ``process`` from the loop when it ends, then call ``joined_process``."""
-        try:
-            pidfd = os.pidfd_open(process.pid)
-        except ProcessLookupError:
-            self._finish_join(process)
-            return
-        self._loop().register(pidfd, selectors.EVENT_READ, _Joining(process, pidfd))
+    def export_peers(self) -> list[tuple[Peer, dict]]:
+        """Every served connection with a JSON description a successor can adopt.
 
-    def _on_joining(self, item: _Joining, mask: int) -> None:
-        self._loop().unregister(item.pidfd)
-        os.close(item.pidfd)
-        item.state = None
-        self._finish_join(item.process)
+        Nothing is closed or changed: if the handover fails, serving simply goes on.
+        Partly read frames and unsent replies are part of the description.
+        """
+        now = time.monotonic()
+        return [(peer, peers.describe(peer, now)) for peer in self._peers.values()]
 
-    def _finish_join(self, process: Process) -> None:
-        try:
-            code = process.join(0)
-        except (AveException, OSError) as error:
-            self.log(f'could not join process {process.pid}: {error}')
-            return
-        self._call_hook(self.joined_process, process.pid, code)
+    def import_peer(self, sock: socketlib.socket, description: dict) -> Connection:
+        """Serve a connection a predecessor described with ``export_peers``."""
+        peer = peers.restore(sock, description, time.monotonic())
+        if peer.state == AUTHENTICATING:
+            peer.connection.limit_input(protocol.HANDSHAKE_FRAME_LIMIT)
+            self._handshakes.append(peer)
+        else:
+            peer.connection.limit_input(self.limits.frame_bytes)
+        if peer.address_key is not None:
+            self._per_address[peer.address_key] += 1
+            self._accepted += 1
+        peer.parked = peer.state == SERVING \
+            and peer.connection.buffered_input() > SERVING_INPUT_CAP
+        self._watch(peer)
+        self._account(peer)
+        return peer.connection
 
-    def _on_waking(self, item: _Waking, mask: int) -> None:
-        try:
-            item.receiver.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            pass  # nothing queued: the signal handler already set its flag
+    def serve_imported(self) -> None:
+        """Answer requests that arrived whole before the handover but were not served."""
+        for peer in list(self._peers.values()):
+            if peer.state == ESTABLISHED:
+                self._serve_buffered(peer)
 
     # -- shutting down -----------------------------------------------------------------
 
@@ -650,25 +593,33 @@ class Control(Process):
         if not self.keep_going:
             return
         self.keep_going = False
-        exit_frame = json.dumps({'exception': details_of(
-            Exit(details or 'the service has shut down'))}, default=repr)
+        exit_frame = protocol.encode_exception(Exit(details or 'the service has shut down'))
         deadline = time.monotonic() + EXIT_FLUSH_TIMEOUT
-        for key in list(self._loop().get_map().values()):
-            self._close_item(key.data, exit_frame, deadline)
+        for peer in list(self._peers.values()):
+            if peer.state in (ESTABLISHED, SERVING):
+                _last_words(peer.connection, exit_frame, deadline)
+            self._close(peer)
         self.stop_listening()
-        self._selector.close()
+        self._close_loop()
 
-    def _close_item(self, item: Any, exit_frame: str, deadline: float) -> None:
-        if isinstance(item, Peer) and item.state in (AUTHENTICATING, ESTABLISHED, WATCHED):
-            if item.state == ESTABLISHED:
-                _last_words(item.connection, exit_frame, deadline)
-            self._drop(item)
-        elif isinstance(item, _Joining):
-            os.close(item.pidfd)
-        elif isinstance(item, _Waking):
-            signal.set_wakeup_fd(-1)
-            item.receiver.close()
-            item.sender.close()
+
+def _make_listener(host: str, port: int | None,
+                   sock: socketlib.socket | None) -> socketlib.socket:
+    if sock is not None:
+        return sock
+    listener = Connection((host, port or 0))
+    listener.listen()
+    assert listener.socket is not None
+    return listener.socket
+
+
+def _refuse(connection: Connection, reason: str) -> None:
+    """Tell a refused client why, in place of the challenge, then close."""
+    try:
+        connection.put(protocol.encode_exception(AveException(reason)))
+    except (ConnectionAgain, ConnectionClosed, OSError):
+        pass  # the reason is a courtesy; the refusal itself is the close below
+    connection.close()
 
 
 def _last_words(connection: Connection, frame: str, deadline: float) -> None:
@@ -682,136 +633,3 @@ def _last_words(connection: Connection, frame: str, deadline: float) -> None:
             selectors.DefaultSelector().select(min(remaining, 0.05))
     except (ConnectionClosed, OSError):
         return
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode('ascii')
-
-
-def _digest_matches(key: str | None, challenge: bytes, digest: bytes) -> bool:
-    expected = hmac.new((key or '').encode('utf-8'), challenge, hashlib.sha256).digest()
-    return hmac.compare_digest(expected, digest)
-
-
-def _parse_request(request: Any) -> tuple[str, Any, list, dict]:
-    """Check a request's shape; every defect is named in the error the client gets."""
-    if not isinstance(request, dict):
-        raise AveException('malformed request: expected a JSON object')
-    method = request.get('method')
-    if not isinstance(method, str) or not method:
-        raise AveException('malformed request: "method" must be a non-empty string')
-    params = request.get('params', {})
-    if not isinstance(params, dict):
-        raise AveException('malformed request: "params" must be an object')
-    vargs = params.get('vargs', [])
-    kwargs = params.get('kwargs', {})
-    if not isinstance(vargs, list):
-        raise AveException('malformed request: "params.vargs" must be a list')
-    if not isinstance(kwargs, dict):
-        raise AveException('malformed request: "params.kwargs" must be an object')
-    resource = request.get('resource')
-    if resource is not None and not isinstance(resource, dict):
-        raise AveException('malformed request: "resource" must be an object or null')
-    if not isinstance(request.get('async', False), bool):
-        raise AveException('malformed request: "async" must be true or false')
-    return method, resource, vargs, kwargs
-
-
-# -- the client -------------------------------------------------------------------------
-
-class RemoteControl:
-    """A client of a Control: attribute calls become RPCs.
-
-    ``remote.method(*args, **kwargs)`` sends a request and returns the result or raises
-    the typed remote exception; ``__async__=True`` sends it one-way. The connection is
-    made on the first call and re-made after a failure. ``timeout`` bounds connecting,
-    the handshake, sending and waiting for each reply.
-    """
-
-    def __init__(self, address: tuple[str, int], authkey: str | None = None,
-                 timeout: float | None = None, optimist: bool = True,
-                 sock: socketlib.socket | None = None) -> None:
-        host, port = address
-        self._address = (host or '127.0.0.1', port)
-        self._authkey = authkey
-        self._timeout = timeout
-        self._reply_timeout = timeout
-        self._optimist = optimist
-        self._connection: BlockingConnection | None = None
-        self._resource: dict | None = None
-        if sock is not None:
-            self._connection = BlockingConnection(self._address, sock)
-            self._handshake()
-
-    def __getattr__(self, name: str) -> Callable:
-        if name.startswith('_'):
-            raise AttributeError(name)
-        return _RemoteMethod(self, name)
-
-    def __enter__(self) -> 'RemoteControl':
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._disconnect()
-
-    def _connect(self) -> BlockingConnection:
-        if self._connection is None:
-            connection = BlockingConnection(self._address)
-            try:
-                connection.connect(self._timeout, self._optimist)
-            except BaseException:
-                connection.close()
-                raise
-            self._connection = connection
-            try:
-                self._handshake()
-            except BaseException:
-                self._disconnect()
-                raise
-        return self._connection
-
-    def _handshake(self) -> None:
-        challenge = self._connection.get(self._timeout)
-        if (not challenge.startswith(CHALLENGE_PREFIX)
-                or len(challenge) != len(CHALLENGE_PREFIX) + NONCE_SIZE):
-            raise AuthError('the server did not send a valid challenge')
-        nonce = challenge[len(CHALLENGE_PREFIX):]
-        key = (self._authkey or '').encode('utf-8')
-        self._connection.put(hmac.new(key, nonce, hashlib.sha256).digest(), self._timeout)
-        # The verdict is read to keep the stream in step, not kept: a client without
-        # the right key learns it from the AuthError of the first guarded call.
-        json.loads(self._connection.get(self._timeout))
-
-    def _disconnect(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
-
-    def _call(self, method: str, vargs: tuple, kwargs: dict) -> Any:
-        is_async = bool(kwargs.pop('__async__', False))
-        payload = json.dumps({'method': method, 'resource': self._resource,
-                              'params': {'vargs': vargs, 'kwargs': kwargs},
-                              'async': is_async})
-        connection = self._connect()
-        try:
-            connection.put(payload, self._timeout)
-            if is_async:
-                return None
-            response = json.loads(connection.get(self._reply_timeout))
-        except BaseException:
-            self._disconnect()  # a half-done exchange would answer the wrong call later
-            raise
-        if 'exception' in response:
-            raise exception_factory(response['exception'])
-        return response.get('result')
-
-
-class _RemoteMethod:
-    __slots__ = ('_remote', '_name')
-
-    def __init__(self, remote: RemoteControl, name: str) -> None:
-        self._remote = remote
-        self._name = name
-
-    def __call__(self, *vargs: Any, **kwargs: Any) -> Any:
-        return self._remote._call(self._name, vargs, kwargs)

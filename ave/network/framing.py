@@ -88,6 +88,11 @@ class FrameDecoder:
         self._expected = None
         return payload
 
+    def buffered(self) -> int:
+        """How many received bytes wait here (a partial header or frame, or frames
+        not taken yet)."""
+        return len(self._buffer) + (0 if self._expected is None else HEADER.size)
+
     def wanted(self) -> int:
         """How many more bytes would complete the header or the frame being received."""
         if self._expected is None:

@@ -1,0 +1,275 @@
+"""The event loop under every AVE service: one thread, one selector, nothing that waits.
+
+``EventLoop`` knows nothing about RPC. It watches descriptors whose registered object
+carries a ``state`` naming the handler that deals with it, runs timers, reaps child
+processes through their pidfds, and wakes up for signals and for work finished in
+worker threads. ``Control`` builds the RPC service on top of it.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import heapq
+import itertools
+import logging as logginglib
+import os
+import selectors
+import signal
+import socket as socketlib
+import time
+from collections import deque
+from typing import Any, Callable, Protocol
+
+from ave.exceptions import AveException, Exit
+from ave.network.process import Process
+
+#: Worker threads one loop runs at most for ``run_in_thread``; more calls wait.
+MAX_WORKERS = 64
+
+JOINING = 'joining'
+WAKING = 'waking'
+
+log = logginglib.getLogger(__name__)
+
+
+class Outcome(Protocol):
+    """Where the result of work done in a thread goes (``ave.network.rpc.Reply``)."""
+
+    def result(self, value: Any = None) -> None: ...
+
+    def fail(self, error: BaseException) -> None: ...
+
+
+class _Joining:
+    __slots__ = ('process', 'pidfd', 'state')
+
+    def __init__(self, process: Process, pidfd: int) -> None:
+        self.process = process
+        self.pidfd = pidfd
+        self.state: str | None = JOINING
+
+
+class _Waker:
+    """A socket pair whose write end signal handlers and worker threads poke."""
+
+    __slots__ = ('receiver', 'sender', 'state')
+
+    def __init__(self) -> None:
+        self.receiver, self.sender = socketlib.socketpair()
+        self.receiver.setblocking(False)
+        self.sender.setblocking(False)
+        self.state = WAKING
+
+    def poke(self) -> None:
+        try:
+            self.sender.send(b'\0')
+        except OSError:
+            pass  # full or closing: the loop is awake or going away either way
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        self.receiver.close()
+        self.sender.close()
+
+
+class EventLoop(Process):
+    """A Process whose ``run()`` steps a selector loop until ``shutdown()``."""
+
+    def __init__(self, interval: float | None = None, logging: bool = False,
+                 proc_name: str | None = None) -> None:
+        super().__init__(logging=logging, proc_name=proc_name)
+        self.interval = interval
+        self.keep_going = True
+        self._selector: selectors.BaseSelector | None = None
+        self._timers: list[tuple[float, int, Callable]] = []
+        self._timer_order = itertools.count()
+        self._last_activity = time.monotonic()
+        self._waker: _Waker | None = None
+        self._from_threads: deque[Callable[[], Any]] = deque()
+        self._workers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._terminating = False
+        self._handlers: dict[str, Callable[[Any, int], None]] = {
+            JOINING: self._on_joining, WAKING: self._on_waking}
+
+    # -- hooks for subclasses ----------------------------------------------------------
+
+    def joined_process(self, pid: int, exit: int | None) -> None:
+        """Called when a process handed to ``join_later`` has been reaped."""
+
+    def idle(self) -> None:
+        """Called after ``interval`` seconds without any traffic."""
+
+    def _selector_made(self, selector: selectors.BaseSelector) -> None:
+        """Register what must be watched from the start (a Control's listener)."""
+
+    def _next_deadline(self) -> float | None:
+        """The earliest moment a subclass needs the loop awake, if any."""
+        return None
+
+    def _after_events(self, now: float) -> None:
+        """Per-step bookkeeping of a subclass, after the events were dispatched."""
+
+    def shutdown(self, details: dict | str | None = None) -> None:
+        """Leave the main loop, releasing what the loop itself holds."""
+        if not self.keep_going:
+            return
+        self.keep_going = False
+        self._close_loop()
+
+    # -- running -----------------------------------------------------------------------
+
+    def initialize(self) -> None:
+        super().initialize()
+        self._waker = _Waker()
+        signal.set_wakeup_fd(self._waker.sender.fileno(), warn_on_full_buffer=False)
+        self._loop().register(self._waker.receiver.fileno(), selectors.EVENT_READ,
+                              self._waker)
+
+    def handle_SIGTERM(self, signum: int, frame: Any) -> None:
+        """Ask the loop for an orderly shutdown; the wake-up socket interrupts its wait."""
+        self._terminating = True
+
+    def run(self) -> None:
+        """The service's main loop: step until shut down (exit status 0)."""
+        while self.keep_going:
+            self.step_main()
+
+    def step_main(self, timeout: float | None = None) -> None:
+        """Wait for traffic (at most ``timeout`` s) and dispatch all of it once.
+
+        Public so that tests can drive a service in-process, deterministically.
+        """
+        if not self.keep_going:
+            raise Exit('the service has shut down')
+        events = self._loop().select(self._wait_time(timeout))
+        for key, mask in events:
+            if not self.keep_going:
+                return  # a handler shut the service down: the rest of the batch is moot
+            item = key.data
+            handler = self._handlers.get(item.state)
+            if handler is not None:
+                handler(item, mask)
+        now = time.monotonic()
+        if events:
+            self._last_activity = now
+        self._after_events(now)
+        self._run_due_timers(now)
+        if self._terminating and self.keep_going:
+            self.shutdown()
+        elif self.interval is not None and now - self._last_activity >= self.interval:
+            self._last_activity = now
+            self._call_hook(self.idle)
+
+    def _loop(self) -> selectors.BaseSelector:
+        """The selector, made on first use so that a forked child gets its own."""
+        if self._selector is None:
+            self._selector = selectors.DefaultSelector()
+            self._selector_made(self._selector)
+        return self._selector
+
+    def _wait_time(self, timeout: float | None) -> float | None:
+        now = time.monotonic()
+        limits = [] if timeout is None else [timeout]
+        if self._from_threads:
+            limits.append(0.0)
+        if self._timers:
+            limits.append(self._timers[0][0] - now)
+        deadline = self._next_deadline()
+        if deadline is not None:
+            limits.append(deadline - now)
+        if self.interval is not None:
+            limits.append(self._last_activity + self.interval - now)
+        return max(0.0, min(limits)) if limits else None
+
+    def call_later(self, delay: float, function: Callable[[], Any]) -> None:
+        """Run ``function`` from the loop after ``delay`` seconds (never earlier)."""
+        deadline = time.monotonic() + delay
+        heapq.heappush(self._timers, (deadline, next(self._timer_order), function))
+
+    def _run_due_timers(self, now: float) -> None:
+        while self._timers and self._timers[0][0] <= now and self.keep_going:
+            _, _, function = heapq.heappop(self._timers)
+            self._call_hook(function)
+
+    def _call_hook(self, hook: Callable, *args: Any) -> None:
+        """Run a subclass hook; its failure is logged and never stops the service."""
+        try:
+            hook(*args)
+        except Exception:
+            log.exception('%s failed', getattr(hook, '__name__', hook))
+
+    # -- work off the loop -------------------------------------------------------------
+
+    def call_soon_threadsafe(self, function: Callable[[], Any]) -> None:
+        """Run ``function`` on the loop's thread at its next step; any thread may call."""
+        self._from_threads.append(function)
+        if self._waker is not None:
+            self._waker.poke()
+
+    def run_in_thread(self, function: Callable[[], Any], outcome: Outcome) -> None:
+        """Run ``function`` in a worker thread; its result or exception goes to
+        ``outcome`` on the loop's thread. The loop goes on serving meanwhile."""
+        if self._workers is None:
+            self._workers = concurrent.futures.ThreadPoolExecutor(
+                MAX_WORKERS, thread_name_prefix=self.proc_name or 'ave-worker')
+
+        def work() -> None:
+            try:
+                value = function()
+            except BaseException as error:  # the caller must hear of anything at all
+                failure = error  # ``error`` itself is unbound when the block ends
+                self.call_soon_threadsafe(lambda: outcome.fail(failure))
+                return
+            self.call_soon_threadsafe(lambda: outcome.result(value))
+        self._workers.submit(work)
+
+    def _run_from_threads(self) -> None:
+        while self._from_threads and self.keep_going:
+            self._call_hook(self._from_threads.popleft())
+
+    def _on_waking(self, item: _Waker, mask: int) -> None:
+        try:
+            item.receiver.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            pass  # nothing queued: a signal handler already set its flag
+        self._run_from_threads()
+
+    # -- processes ---------------------------------------------------------------------
+
+    def join_later(self, process: Process) -> None:
+        """Reap ``process`` from the loop when it ends, then call ``joined_process``."""
+        assert process.pid is not None
+        try:
+            pidfd = os.pidfd_open(process.pid)
+        except ProcessLookupError:
+            self._finish_join(process)
+            return
+        self._loop().register(pidfd, selectors.EVENT_READ, _Joining(process, pidfd))
+
+    def _on_joining(self, item: _Joining, mask: int) -> None:
+        self._loop().unregister(item.pidfd)
+        os.close(item.pidfd)
+        item.state = None
+        self._finish_join(item.process)
+
+    def _finish_join(self, process: Process) -> None:
+        try:
+            code = process.join(0)
+        except (AveException, OSError) as error:
+            self.log(f'could not join process {process.pid}: {error}')
+            return
+        self._call_hook(self.joined_process, process.pid, code)
+
+    # -- the end -----------------------------------------------------------------------
+
+    def _close_loop(self) -> None:
+        """Close what only the loop holds: pidfds, the wake-up socket, the selector."""
+        if self._workers is not None:
+            self._workers.shutdown(wait=False, cancel_futures=True)
+        if self._selector is None:
+            return
+        for key in list(self._selector.get_map().values()):
+            if isinstance(key.data, _Joining):
+                os.close(key.data.pidfd)
+            elif isinstance(key.data, _Waker):
+                key.data.close()
+        self._selector.close()
