@@ -178,7 +178,8 @@ class Process:
             if not reported:
                 _send_report(report_fd, {'pid': self.pid})
                 reported = True
-            code = _exit_code_of(self.target(*self.args))
+            self.target(*self.args)  # what it returns is ignored, as multiprocessing does
+            code = 0
         except SystemExit as exit_request:
             code = _exit_code_of(exit_request.code)
         except BaseException as error:  # the child must report anything, then exit

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 
 import pytest
@@ -25,7 +26,7 @@ from ave.network.process import Process
 def exit_with(code):
     """Target of the child Process the service starts for ``join_later``."""
     time.sleep(0.05)
-    return code
+    sys.exit(code)
 
 
 class Service(Control):

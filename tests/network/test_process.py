@@ -57,6 +57,13 @@ def test_target_returning_normally_exits_zero(processes):
     assert process.join(5) == 0
 
 
+def test_target_returning_a_value_exits_zero(processes):
+    process = Process(target=lambda: 'a result nobody asked for')
+    processes.append(process)
+    process.start()
+    assert process.join(10) == 0, 'a value returned by the target became an exit code'
+
+
 def test_target_raising_exits_one(processes):
     process = Process(target=lambda: 1 / 0)
     processes.append(process)
