@@ -5,24 +5,100 @@ the client directly (authenticated with a key only the two of them know), so the
 broker loop never runs resource code. Broker and session talk over a socket pair with
 one-way calls: the broker adds and removes resources, the session reports a resource
 as released once its teardown (relay reset, workspace deletion) has finished.
+
+Resource code never runs on the session's loop either: set-up, every client call and
+teardown run in worker threads, one resource at a time (``Hosted``). So a session
+inside an hour-long ``run()`` still hears its broker at once, and when the client is
+gone it kills the call's commands, tears down and ends within a second or two.
 """
 from __future__ import annotations
 
 import logging
 import signal
 import socket as socketlib
+import threading
 from typing import Any, Callable
 
 from ave.broker.exceptions import NotAllocated
 from ave.equipment import EquipmentType, Resource
 from ave.exceptions import AuthError, AveException, details_of
 from ave.network.connection import Connection
-from ave.network.exceptions import ConnectionClosed
 from ave.network.control import Control
+from ave.network.exceptions import ConnectionClosed
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
+
+#: How long ending the session waits for a call still running on a resource (after
+#: its commands were killed) before tearing the resource down regardless.
+CALL_DRAIN_TIMEOUT = 2.0
+
+
+class Hosted:
+    """One resource in a session: built at once, set up in a thread, used one call
+    at a time. Calls that arrive during set-up wait for it; after a failed set-up
+    they raise its error."""
+
+    def __init__(self, key: Key, resource: Resource | None,
+                 failure: dict | None = None) -> None:
+        self.key = key
+        self.resource = resource
+        self.failure = failure
+        self.ready = threading.Event()
+        self.lock = threading.Lock()
+        if resource is None:
+            self.ready.set()
+
+    def set_up(self, tainted: bool) -> None:
+        try:
+            assert self.resource is not None
+            self.resource._setup(tainted)
+        except Exception as error:
+            log.exception('could not set up %s', self.key)
+            self.failure = details_of(error)
+        finally:
+            self.ready.set()
+
+    def call(self, method: Callable, vargs: list, kwargs: dict) -> Any:
+        self.ready.wait()
+        self.check()
+        with self.lock:
+            return method(*vargs, **kwargs)
+
+    def check(self) -> None:
+        if self.failure is not None:
+            raise AveException({**self.failure, 'message':
+                                f'{self.key[0]} {self.key[1]} could not be set up: '
+                                f'{self.failure.get("message")}'})
+
+    def tear_down(self, drain: float | None = None) -> bool:
+        """Return the resource to its resting state; False (logged) if that failed.
+
+        ``drain`` bounds the wait for a call still using it; past that the teardown
+        goes ahead anyway, because the session is ending and must not hang on it.
+        """
+        self.ready.wait(drain)
+        acquired = self.lock.acquire(timeout=-1 if drain is None else drain)
+        try:
+            if self.resource is not None:
+                self.resource._teardown()
+        except Exception:
+            log.exception('teardown of %s failed', self.key)
+            return False
+        finally:
+            if acquired:
+                self.lock.release()
+        return self.resource is not None and self.failure is None
+
+
+class _Then:
+    """Outcome of background work that no client waits for: run a follow-up."""
+
+    def __init__(self, on_result: Callable[[Any], None],
+                 on_failure: Callable[[BaseException], None]) -> None:
+        self.result = on_result
+        self.fail = on_failure
 
 
 class Session(Control):
@@ -35,8 +111,7 @@ class Session(Control):
                          proc_name='ave-broker-session', logging=logging)
         self.broker = Connection(('broker', 0), broker_socket)
         self.types = types
-        self.resources: dict[Key, Resource] = {}
-        self.failures: dict[Key, dict] = {}
+        self.hosted: dict[Key, Hosted] = {}
 
     def close_fds(self, exclude: list[int]) -> None:
         super().close_fds(exclude + [self.broker.fileno()])
@@ -53,29 +128,38 @@ class Session(Control):
 
     @Control.rpc
     def add_resource(self, profile: dict, settings: dict, tainted: bool = True) -> None:
-        """Instantiate and set up an allocated item (called one-way by the broker)."""
+        """Host an allocated item and set it up in the background (one-way, broker)."""
         self._require_broker()
         key = self._key_of(profile)
         try:
             equipment_type = self.types[profile['type']]
             resource = equipment_type.resource_class(
                 equipment_type.profile_class(profile), settings)
-            resource._setup(tainted)
         except Exception as error:
             log.exception('could not set up %s', key)
-            self.failures[key] = details_of(error)
+            self.hosted[key] = Hosted(key, None, details_of(error))
             return
-        self.resources[key] = resource
+        hosted = self.hosted[key] = Hosted(key, resource)
+        self.run_in_thread(lambda: hosted.set_up(tainted),
+                           _Then(lambda _: None, self._log_failure))
 
     @Control.rpc
     def remove_resource(self, profile: dict) -> None:
         """Tear an item down, then tell the broker it may go to someone else."""
         self._require_broker()
         key = self._key_of(profile)
-        self.failures.pop(key, None)
-        resource = self.resources.pop(key, None)
-        clean = resource is not None and _teardown(resource)
-        self._report_released(profile, clean)
+        hosted = self.hosted.pop(key, None)
+        if hosted is None:
+            self._report_released(profile, False)
+            return
+        self.stop_commands(hosted)
+        self.run_in_thread(hosted.tear_down, _Then(
+            lambda clean: self._report_released(profile, clean is True),
+            lambda error: self._report_released(profile, False)))
+
+    def stop_commands(self, hosted: Hosted | None = None) -> None:
+        """Kill the commands running for one resource (None: for all of them), so a
+        call blocked in them returns and the resource can be torn down."""
 
     def _report_released(self, profile: dict, clean: bool) -> None:
         """Tell the broker an item is free, and whether its teardown succeeded."""
@@ -88,27 +172,37 @@ class Session(Control):
         if self.caller is None or self.caller.connection is not self.broker:
             raise AuthError('only the broker manages a session\'s resources')
 
+    @staticmethod
+    def _log_failure(error: BaseException) -> None:
+        log.error('background work failed: %s', error)
+
     # -- the client's side -------------------------------------------------------------
 
     def rpc_function(self, method: str, resource: Any) -> Callable:
         """Session RPCs for the broker; public resource methods for the key holder."""
         if resource is None:
             return super().rpc_function(method, resource)
-        if not self.caller.primary:
+        if self.caller is None or not self.caller.primary:
             raise AuthError('resource calls require the session key')
         key = self._key_of(resource)
-        if key not in self.resources and key not in self.failures:
+        if key not in self.hosted:
             self.serve_pending(self.broker)
-        if key in self.failures:
-            raise AveException({**self.failures[key], 'message':
-                                f'{key[0]} {key[1]} could not be set up: '
-                                f'{self.failures[key].get("message")}'})
-        target = self.resources.get(key)
-        if target is None:
+        hosted = self.hosted.get(key)
+        if hosted is None:
             raise NotAllocated(f'{key[0]} {key[1]} is not allocated in this session')
+        hosted.check()
+        target = hosted.resource
         if method.startswith('_') or not callable(getattr(type(target), method, None)):
             raise AveException(f'{key[0]} has no method {method!r}')
-        return getattr(target, method)
+        return _ResourceCall(hosted, getattr(target, method))
+
+    def invoke(self, function: Callable, vargs: list, kwargs: dict) -> Any:
+        """Resource calls run in a worker thread; the loop stays free meanwhile."""
+        if not isinstance(function, _ResourceCall):
+            return function(*vargs, **kwargs)
+        hosted, method = function.hosted, function.method
+        self.run_in_thread(lambda: hosted.call(method, vargs, kwargs), self.defer())
+        return None
 
     def _key_of(self, profile: Any) -> Key:
         if not isinstance(profile, dict) or profile.get('type') not in self.types:
@@ -129,20 +223,24 @@ class Session(Control):
             self.shutdown()
 
     def shutdown(self, details: dict | str | None = None) -> None:
-        """Tear every resource down before telling the clients that the session ended."""
+        """Stop every command, tear every resource down and report it, then tell the
+        clients that the session ended."""
         if not self.keep_going:
             return
-        for resource in list(self.resources.values()):
-            self._report_released(resource.get_profile(), _teardown(resource))
-        self.resources.clear()
+        self.stop_commands()
+        for key, hosted in list(self.hosted.items()):
+            profile = hosted.resource.get_profile() if hosted.resource else {
+                'type': key[0], self.types[key[0]].identity: key[1]}
+            self._report_released(profile, hosted.tear_down(CALL_DRAIN_TIMEOUT))
+        self.hosted.clear()
         super().shutdown(details or 'the session has ended')
 
 
-def _teardown(resource: Resource) -> bool:
-    """Tear a resource down; False (and a log entry) if that failed."""
-    try:
-        resource._teardown()
-    except Exception:
-        log.exception('teardown of %s failed', resource.get_profile())
-        return False
-    return True
+class _ResourceCall:
+    """A resource method as ``rpc_function`` found it, with the resource it runs on."""
+
+    __slots__ = ('hosted', 'method')
+
+    def __init__(self, hosted: Hosted, method: Callable) -> None:
+        self.hosted = hosted
+        self.method = method
