@@ -38,7 +38,20 @@ DEFAULT_HOST = '127.0.0.1'
 DEFAULT_PORT = 4000
 
 _POLICIES = ('share', 'forward')
-_BROKER_KEYS = ('host', 'port', 'stacks', 'remote', 'equipment')
+BROKER_KEYS = ('host', 'port', 'stacks', 'remote', 'equipment', 'limits', 'isolation')
+ISOLATION_MODES = ('auto', 'required', 'off')
+
+#: What one peer, or all of them, may make a broker hold (DESIGN.md, "Limits"); each
+#: can be set in broker.json's "limits" object. Name: (default, smallest, largest).
+LIMITS: dict[str, tuple[int | float, int | float, int | float]] = {
+    'frame_bytes': (1024 * 1024, 4096, 256 * 1024 * 1024),
+    'buffered_bytes': (64 * 1024 * 1024, 1024 * 1024, 16 * 1024 ** 3),
+    'connections': (4096, 16, 1024 * 1024),
+    'connections_per_address': (1024, 1, 1024 * 1024),
+    'handshake_s': (10.0, 0.5, 300.0),
+    'sessions': (1024, 1, 65536),
+    'sessions_per_address': (256, 1, 65536),
+}
 _REMOTE_KEYS = ('host', 'port', 'policy', 'authkey')
 _WORKSPACE_KEYS = ('root', 'tools', 'pretty')
 _ETC_KEYS = ('name', 'home')
@@ -225,7 +238,8 @@ def load_broker_config(home: str,
     """The checked content of ``<home>/.ave/config/broker.json`` with defaults filled in.
 
     Returns ``{'host': str, 'port': int, 'stacks': [[profile dict, ...], ...],
-    'remote': None or {'host', 'port', 'policy', 'authkey'}, 'equipment': [dict, ...]}``.
+    'remote': None or {'host', 'port', 'policy', 'authkey'}, 'equipment': [dict, ...],
+    'limits': {name: number} (every name in LIMITS), 'isolation': str}``.
 
     Here an equipment entry or stack member is only checked to be an object with a
     string ``type``; what else it needs depends on its type, which only the equipment
@@ -235,13 +249,16 @@ def load_broker_config(home: str,
     """
     path = os.path.join(config_dir(home), 'broker.json')
     check = _Checker(path)
-    data = check.json_object(None, _read_json(path), _BROKER_KEYS)
+    data = check.json_object(None, _read_json(path), BROKER_KEYS)
     config = {
         'host': check.string('host', data.get('host', DEFAULT_HOST)),
         'port': check.port('port', data.get('port', DEFAULT_PORT)),
         'stacks': _stacks(check, data.get('stacks', [])),
         'remote': _remote(check, data['remote']) if 'remote' in data else None,
         'equipment': _equipment(check, data.get('equipment', [])),
+        'limits': _limits(check, data.get('limits', {})),
+        'isolation': check.choice('isolation', data.get('isolation', 'auto'),
+                                  ISOLATION_MODES),
     }
     for index, entry in enumerate(config['equipment']):
         _check_entry(check, f'equipment[{index}]', entry, check_equipment)
@@ -265,6 +282,17 @@ def _remote(check: _Checker, value: Any) -> dict[str, Any]:
             'port': check.port('remote.port', data.get('port', DEFAULT_PORT)),
             'policy': policy,
             'authkey': check.string_or_null('remote.authkey', data.get('authkey'), secret=True)}
+
+
+def _limits(check: _Checker, value: Any) -> dict[str, int | float]:
+    """Every limit, from broker.json where given, else its default."""
+    data = check.json_object('limits', value, LIMITS)
+    limits: dict[str, int | float] = {}
+    for name, (default, low, high) in LIMITS.items():
+        given = data.get(name, default)
+        limits[name] = check.number(f'limits.{name}', given, low, high,
+                                    integer=isinstance(default, int))
+    return limits
 
 
 def _equipment(check: _Checker, value: Any) -> list[dict]:
@@ -404,6 +432,24 @@ class _Checker:
     def port(self, field: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
             raise self.error(field, f'expected an integer from 1 to 65535, got {_shown(value)}')
+        return value
+
+    def number(self, field: str, value: Any, low: float, high: float,
+               integer: bool = False) -> int | float:
+        """A number (an integer if ``integer``) from ``low`` to ``high``."""
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) \
+                or not low <= value <= high:
+            kind = 'an integer' if integer else 'a number'
+            raise self.error(field, f'expected {kind} from {low:g} to {high:g}, '
+                                    f'got {_shown(value)}')
+        return value
+
+    def choice(self, field: str, value: Any, choices: Iterable[str]) -> str:
+        choices = tuple(choices)
+        if value not in choices:
+            raise self.error(field, f'expected one of {", ".join(map(json.dumps, choices))}, '
+                                    f'got {_shown(value)}')
         return value
 
     def absolute_path(self, field: str, value: Any) -> str:

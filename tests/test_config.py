@@ -369,15 +369,47 @@ FULL_BROKER = {
 }
 
 
+DEFAULT_LIMITS = {name: default for name, (default, _, _) in config.LIMITS.items()}
+SECOND_STAGE_DEFAULTS = {'limits': DEFAULT_LIMITS, 'isolation': 'auto'}
+
+
 def test_empty_broker_config_gets_every_default(home):
     write_config(home, 'broker.json', {})
     assert config.load_broker_config(home) == {
-        'host': '127.0.0.1', 'port': 4000, 'stacks': [], 'remote': None, 'equipment': []}
+        'host': '127.0.0.1', 'port': 4000, 'stacks': [], 'remote': None, 'equipment': [],
+        **SECOND_STAGE_DEFAULTS}
 
 
 def test_full_broker_config_is_returned_as_written(home):
     write_config(home, 'broker.json', FULL_BROKER)
-    assert config.load_broker_config(home) == FULL_BROKER
+    assert config.load_broker_config(home) == {**FULL_BROKER, **SECOND_STAGE_DEFAULTS}
+
+
+def test_limits_given_override_their_defaults_only(home):
+    write_config(home, 'broker.json', {'limits': {'connections': 100, 'handshake_s': 2.5}})
+    limits = config.load_broker_config(home)['limits']
+    assert limits == {**DEFAULT_LIMITS, 'connections': 100, 'handshake_s': 2.5}
+
+
+@pytest.mark.parametrize('limits, field, problem', [
+    ({'connections': 0}, 'limits.connections', 'expected an integer from 16'),
+    ({'frame_bytes': 1.5e6}, 'limits.frame_bytes', 'expected an integer'),
+    ({'sessions': True}, 'limits.sessions', 'expected an integer'),
+    ({'handshake_s': 'soon'}, 'limits.handshake_s', 'expected a number'),
+    ({'conections': 5}, 'limits.conections', "did you mean 'connections'"),
+])
+def test_wrong_limit_is_named_with_its_field(home, limits, field, problem):
+    write_config(home, 'broker.json', {'limits': limits})
+    with pytest.raises(config.ConfigError) as caught:
+        config.load_broker_config(home)
+    assert f"field '{field}'" in str(caught.value) and problem in str(caught.value), \
+        f'unclear message: {caught.value}'
+
+
+def test_isolation_must_be_a_known_mode(home):
+    write_config(home, 'broker.json', {'isolation': 'strict'})
+    with pytest.raises(config.ConfigError, match="field 'isolation': expected one of"):
+        config.load_broker_config(home)
 
 
 def test_remote_gets_default_port_and_no_authkey(home):
@@ -397,7 +429,7 @@ BAD_BROKER = [
     ({'port': 4000.5}, 'port', 'expected an integer from 1 to 65535, got 4000.5'),
     ({'port': [4000]}, 'port', 'expected an integer from 1 to 65535, got a list'),
     ({'prot': 4000}, 'prot', "unknown key (did you mean 'port'?)"),
-    ({'zzz': 1}, 'zzz', 'unknown key (expected one of: host, port, stacks, remote, equipment)'),
+    ({'zzz': 1}, 'zzz', f'unknown key (expected one of: {", ".join(config.BROKER_KEYS)})'),
     ({'stacks': {}}, 'stacks', 'expected a list, got an object'),
     ({'stacks': ['x']}, 'stacks[0]', 'expected a list, got "x"'),
     ({'stacks': [[3]]}, 'stacks[0][0]', 'expected an object, got 3'),
