@@ -1,58 +1,36 @@
 """The broker: a Control that allocates equipment and runs one session per client.
 
-Nothing here waits. A session is forked without synchronization (its listening socket
-is bound before the fork, so the client can connect at once); resources are added and
-removed with one-way calls over a socket pair; the broker learns that a session ended
-from its pidfd. Equipment of an ended session becomes available again as soon as the
-session has torn it down and exited.
+Nothing here waits. Sessions are started and ended by ``SessionKeeper``; clients and
+sessions are one model in ``BrokerState``; which item goes to whom is the pure
+``Allocator``'s decision; a restart's handover is ``ave.broker.takeover``'s. Resources
+are added to and removed from a session with one-way calls over a socket pair, and
+the broker learns that a session ended from its pidfd. Equipment of an ended session
+becomes available again once it has been torn down.
 """
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import signal
-import socket as socketlib
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from ave.broker import handover, systemd
-from ave.broker.allocator import Allocator, Item, Key
+from ave.broker import takeover
+from ave.broker.allocator import Allocator, Key
 from ave.broker.exceptions import Busy, NoSuch
-from ave.broker.session import Session
+from ave.broker.sessions import SessionKeeper
+from ave.broker.state import BrokerState, Client, identity_of
 from ave.equipment import EquipmentType
 from ave.exceptions import AuthError, AveException
-from ave.network.connection import Connection, find_free_port
+from ave.logs import clip
+from ave.network.connection import Connection
 from ave.network.control import Control
-from ave.network.exceptions import ConnectionClosed
-from ave.network.fdtx import FdTx
+from ave.network.limits import Limits
 from ave.network.process import Process
 from ave.profile import Profile
 
 log = logging.getLogger(__name__)
 
-SESSION_KILL_GRACE = 30.0
 LISTER_RESTART_DELAY = 1.0
 MAX_PROFILES_PER_GET = 64
-
-
-@dataclass(eq=False)
-class SessionRecord:
-    """What the broker knows about one running session."""
-
-    process: Session
-    port: int
-    authkey: str
-    link: Connection | None  # None once the link is gone (a predecessor saw it close)
-    keys: set[Key] = field(default_factory=set)
-
-
-@dataclass(eq=False)
-class Client:
-    """A connected client and the session holding its equipment, if any."""
-
-    holder: int
-    session: SessionRecord | None = None
 
 
 class BrokerServer(Control):
@@ -60,24 +38,31 @@ class BrokerServer(Control):
 
     def __init__(self, home: str, config: dict, authkeys: dict,
                  types: dict[str, EquipmentType], type_settings: dict[str, dict],
-                 socket: socketlib.socket | None = None, logging: bool = False,
+                 socket: Any = None, logging: bool = False,
                  takeover_from: int | None = None) -> None:
         port = None if takeover_from is not None else config['port']
+        limits = limits_of(config)
         super().__init__(port, socket=socket, alt_keys=authkeys, home=home,
-                         proc_name='ave-broker', logging=logging, host=config['host'])
+                         proc_name='ave-broker', logging=logging, host=config['host'],
+                         limits=limits)
         self.takeover_from = takeover_from
         self.config = config
         self.types = types
         self.allocator = Allocator(types, config['stacks'], type_settings)
         for entry in config['equipment']:
             self.allocator.add(types[entry['type']].profile_of(entry), entry, static=True)
+        self.state = BrokerState()
+        self.keeper = SessionKeeper(self)
         self.lister: Process | None = None
-        self.clients: dict[Connection, Client] = {}
-        self.sessions: dict[int, SessionRecord] = {}
-        self.links: dict[Connection, SessionRecord] = {}
-        self._next_holder = 1
 
     # -- client RPCs -------------------------------------------------------------------
+
+    @Control.rpc
+    def hello(self, identity: Any) -> None:
+        """A client says who it is for (user, host, pid, program, job): shown to
+        people and logged, never used to decide anything."""
+        client = self._client()
+        client.identity = identity_of(identity, client.address)
 
     @Control.rpc
     def get(self, *profiles: Any) -> dict:
@@ -93,21 +78,60 @@ class BrokerServer(Control):
         except (Busy, NoSuch):
             self._close_session(client)
             raise
-        session = client.session or self._start_session(client)
-        for item in items:
-            key = self.allocator.key_of(item.profile)
+        keys = [self.allocator.key_of(item.profile) for item in items]
+        try:
+            return self._hand_out(client, keys)
+        except Exception:
+            self._roll_back(client, keys)
+            raise
+
+    def _roll_back(self, client: Client, keys: list[Key]) -> None:
+        """A get failed after its items were chosen: none of them stays held.
+
+        Items no session heard of go straight back; the rest go back through the
+        client's session, which is closed as after any failed get.
+        """
+        log.warning('allocation to %s failed after its items were chosen; rolling back',
+                    _who(client))
+        record = client.session
+        for key in keys:
+            if record is None or key not in record.keys:
+                item = self.allocator.items[key]
+                self.allocator.finish_release(key, clean=not item.tainted)
+        self._close_session(client)
+
+    def _hand_out(self, client: Client, keys: list[Key]) -> dict:
+        """Give chosen items to the client's session (started if it has none)."""
+        if client.session is None:
+            self._check_session_caps(client)
+        session = client.session or self.keeper.start(client)
+        assert session.link is not None
+        profiles = []
+        for key in keys:
+            item = self.allocator.items[key]
             session.keys.add(key)
             self.notify(session.link, 'add_resource', dict(item.profile), item.settings,
                         item.tainted)
+            profiles.append(dict(item.profile))
+        log.info('allocated %s to %s', ', '.join(f'{k[0]} {k[1]}' for k in keys),
+                 _who(client))
         return {'session': [None, session.port], 'authkey': session.authkey,
-                'resources': [dict(item.profile) for item in items]}
+                'resources': profiles}
+
+    def _check_session_caps(self, client: Client) -> None:
+        sessions = self.config['limits']
+        if len(self.state.sessions()) >= sessions['sessions']:
+            raise Busy(f'the broker runs its limit of {sessions["sessions"]} sessions')
+        if self.state.sessions_from(client.address) >= sessions['sessions_per_address']:
+            raise Busy(f'{client.address} has its limit of '
+                       f'{sessions["sessions_per_address"]} sessions')
 
     @Control.rpc
     def yield_resources(self, *profiles: Any) -> None:
         """Give items back early; they go to others once their session reset them."""
         client = self._client()
         keys = [self.allocator.check_holder(client.holder, _profile(p)) for p in profiles]
-        if client.session is None:
+        if client.session is None or client.session.link is None:
             return  # the session ended: its equipment is being reclaimed already
         for key in keys:
             profile = dict(self.allocator.items[key].profile)
@@ -117,7 +141,8 @@ class BrokerServer(Control):
     @Control.rpc
     def list_allocations(self) -> list[dict]:
         """What the calling client holds."""
-        client = self.clients.get(self.caller.connection)
+        assert self.caller is not None
+        client = self.state.client(self.caller.connection)
         return [] if client is None else self.allocator.allocations(client.holder)
 
     # -- administration ----------------------------------------------------------------
@@ -147,11 +172,12 @@ class BrokerServer(Control):
     def close_session(self, profile: dict) -> None:
         """End the session of whoever holds ``profile`` (its equipment is reclaimed)."""
         key = self.allocator.key_of(_profile(profile))
-        for client in self.clients.values():
-            if client.session is not None and key in client.session.keys:
-                self._close_session(client)
-                return
-        raise AveException(f'no session holds {key[0]} {key[1]}')
+        item = self.allocator.items.get(key)
+        client = None if item is None or item.holder is None \
+            else self.state.client_by_holder(item.holder)
+        if client is None or client.session is None:
+            raise AveException(f'no session holds {key[0]} {key[1]}')
+        self._close_session(client)
 
     @Control.rpc
     @Control.preauth('admin')
@@ -181,171 +207,6 @@ class BrokerServer(Control):
             raise AveException('sync_equipment() takes a list of profiles')
         self.allocator.sync(type_name, [_profile(p) for p in profiles])
 
-    # -- the lister --------------------------------------------------------------------
-
-    def initialize(self) -> None:
-        super().initialize()
-        signal.signal(signal.SIGHUP, self.handle_SIGHUP)
-        if self.takeover_from is not None:
-            self._take_over()
-        self._start_lister()
-
-    # -- restart: handing over ---------------------------------------------------------
-
-    def handle_SIGHUP(self, signum: int, frame: Any) -> None:
-        """A successor asks for everything; hand it over between two loop steps."""
-        self.call_later(0, self._hand_over)
-
-    def _hand_over(self) -> None:
-        """Send state and descriptors to the successor; exit once it has committed.
-
-        Any failure before the commit leaves this broker serving as if nothing had
-        happened: nothing was closed or changed while the state was exported.
-        """
-        tx = FdTx()
-        try:
-            tx.connect(handover.socket_path(self.home), handover.CONNECT_TIMEOUT)
-            handover.send(tx, *self._export_state())
-            handover.await_word(tx, handover.COMMIT, handover.HANDOVER_TIMEOUT)
-            tx.put(handover.BYE)
-        except (AveException, OSError, ValueError, handover.HandoverError,
-                ConnectionClosed) as error:
-            log.error('restart handover failed; serving on: %s', error)
-            tx.close()
-            return
-        log.info('handed everything over to the new broker; exiting')
-        if self.lister is not None:
-            self.lister.terminate()
-        logging.shutdown()
-        os._exit(0)  # no Exit frames, no socket shutdown: the successor serves them now
-
-    def _export_state(self) -> tuple[dict, list[int]]:
-        peers = self.export_peers()
-        index = {peer.connection: i for i, (peer, _) in enumerate(peers)}
-        attached = {id(c.session) for c in self.clients.values() if c.session is not None}
-        state = {
-            'peers': [description for _, description in peers],
-            'items': [_item_state(item) for item in self.allocator.items.values()],
-            'clients': [{'peer': index[connection], 'holder': client.holder,
-                         'session': client.session and client.session.process.pid}
-                        for connection, client in self.clients.items()
-                        if connection in index],
-            'sessions': [{'pid': pid, 'port': record.port, 'authkey': record.authkey,
-                          'link': index.get(record.link), 'keys': sorted(record.keys),
-                          'closing': id(record) not in attached}
-                         for pid, record in self.sessions.items()],
-            'next_holder': self._next_holder,
-        }
-        return state, [self.listener.fileno()] + [peer.fd for peer, _ in peers]
-
-    # -- restart: taking over ----------------------------------------------------------
-
-    def _take_over(self) -> None:
-        """Become the broker: adopt the running one's listener, clients and sessions.
-
-        Raises HandoverError (the start-up fails and the old broker serves on) unless
-        the old broker confirmed it is gone.
-        """
-        tx = handover.listen(self.home)
-        announced = False
-        try:
-            os.kill(self.takeover_from, signal.SIGHUP)
-            tx.accept(handover.HANDOVER_TIMEOUT)
-            state, fds = handover.receive(tx)
-            self._adopt(state, fds)
-            # A supervising systemd must know the new main process before the old
-            # one exits, or it takes that exit for the end of the service.
-            announced = systemd.notify(f'MAINPID={os.getpid()}\nREADY=1')
-            tx.put(handover.COMMIT)
-            handover.await_word(tx, handover.BYE, handover.HANDOVER_TIMEOUT)
-        except (AveException, OSError, ValueError, KeyError, ConnectionClosed) as error:
-            if announced:
-                systemd.notify(f'MAINPID={self.takeover_from}')
-            raise handover.HandoverError(f'taking over from broker {self.takeover_from} '
-                                         f'failed: {error}') from error
-        finally:
-            tx.close()
-        log.info('took over from broker %d', self.takeover_from)
-
-    def _adopt(self, state: dict, fds: list[int]) -> None:
-        listener, *peer_fds = (socketlib.socket(fileno=fd) for fd in fds)
-        self.adopt_listener(listener)
-        wanted = (self.config['host'], self.config['port'])
-        if tuple(self.listener.address) != wanted and self.config['port'] != 0:
-            raise handover.HandoverError(
-                f'the running broker listens on {self.listener.address[0]}:'
-                f'{self.listener.address[1]}, the new configuration says {wanted[0]}:'
-                f'{wanted[1]}; a move needs ave-broker --stop and --start')
-        connections = [self.import_peer(sock, description)
-                       for sock, description in zip(peer_fds, state['peers'])]
-        for entry in state['items']:
-            self._adopt_item(entry)
-        sessions = {entry['pid']: self._adopt_session(entry, connections)
-                    for entry in state['sessions']}
-        for entry in state['clients']:
-            self.clients[connections[entry['peer']]] = Client(
-                entry['holder'], sessions.get(entry['session']))
-        self._next_holder = state['next_holder']
-
-    def _adopt_item(self, entry: dict) -> None:
-        try:
-            key = self.allocator.key_of(entry['profile'])
-        except NoSuch:
-            log.warning('dropping %s: its type is no longer installed', entry['profile'])
-            return
-        item = self.allocator.items.get(key)
-        if item is None:
-            if entry['static'] and entry['holder'] is None and not entry['releasing']:
-                return  # no longer in broker.json and nobody holds it
-            self.allocator.add(entry['profile'], entry['settings'])
-            item = self.allocator.items[key]
-            item.present = entry['present'] and not entry['static']
-        item.holder = entry['holder']
-        item.releasing = entry['releasing']
-        item.tainted = entry['tainted']
-
-    def _adopt_session(self, entry: dict, connections: list[Connection]) -> SessionRecord:
-        link = None if entry['link'] is None else connections[entry['link']]
-        record = SessionRecord(Process.adopt(entry['pid'], 'ave-broker-session'),
-                               entry['port'], entry['authkey'], link,
-                               {tuple(key) for key in entry['keys']})
-        if link is not None:
-            self.links[link] = record
-        self.sessions[entry['pid']] = record
-        self.join_later(record.process)
-        if entry['closing']:
-            self.call_later(SESSION_KILL_GRACE, lambda: self._kill_if_running(record))
-        return record
-
-    def run(self) -> None:
-        self.serve_imported()
-        super().run()
-
-    def _listed_types(self) -> dict[str, EquipmentType]:
-        return {name: t for name, t in self.types.items() if t.udev_subsystems}
-
-    def _start_lister(self) -> None:
-        """Run the udev lister as a child, if any installed type is found through udev."""
-        listed = self._listed_types()
-        if not listed or not self.keep_going:
-            return
-        from ave.broker.lister import Lister
-        self.lister = Lister((self.config['host'], self.port), self.alt_keys.get('share'),
-                             listed, self.allocator.type_settings, self.home, logging=self.logging)
-        self.lister.start()
-        self.join_later(self.lister)
-
-    def shutdown(self, details: dict | str | None = None) -> None:
-        """Stop the lister with the broker; sessions end when their links close."""
-        if self.lister is not None and self.keep_going:
-            self.lister.terminate()
-        super().shutdown(details)
-
-    def _lister_ended(self, exit: int | None) -> None:
-        log.warning('lister ended with status %s; restarting it', exit)
-        self.lister = None
-        self.call_later(LISTER_RESTART_DELAY, self._start_lister)
-
     # -- session reports ---------------------------------------------------------------
 
     @Control.rpc
@@ -355,96 +216,141 @@ class BrokerServer(Control):
         ``clean`` is False when the teardown failed: the next holder's session then
         resets the item before handing it over.
         """
-        record = self.links.get(self.caller.connection)
+        assert self.caller is not None
+        record = self.state.session_of_link(self.caller.connection)
         if record is None:
             raise AuthError('only sessions report released equipment')
         key = self.allocator.key_of(profile)
         record.keys.discard(key)
-        self.allocator.finish_release(key, clean=clean is True)
+        self.released_item(key, clean=clean is True)
+
+    def released_item(self, key: Key, clean: bool) -> None:
+        """An item's teardown is over: it may go to the next holder."""
+        self.allocator.finish_release(key, clean=clean)
+
+    # -- starting, restarting, stopping ------------------------------------------------
+
+    def initialize(self) -> None:
+        super().initialize()
+        signal.signal(signal.SIGHUP, self.handle_SIGHUP)
+        if self.takeover_from is not None:
+            takeover.take_over(self, self.takeover_from, self.prepare_to_serve)
+        else:
+            self.prepare_to_serve()
+            self.keeper.sweep(self._sweeps())
+        self._start_lister()
+
+    def prepare_to_serve(self) -> None:
+        """What must succeed before this broker serves (a successor: before the old
+        broker lets go). Subclasses add the pid file and the like."""
+
+    def _sweeps(self) -> dict[str, tuple[dict, set[str]]]:
+        """Every type that leaves things on disk, with the identities still in use."""
+        in_use: dict[str, set[str]] = {name: set() for name in self.types}
+        for record in self.state.sessions():
+            for type_name, identity in record.keys:
+                in_use[type_name].add(identity)
+        return {name: (self.allocator.type_settings.get(name, {}), in_use[name])
+                for name, equipment_type in self.types.items() if equipment_type.sweeps}
+
+    def handle_SIGHUP(self, signum: int, frame: Any) -> None:
+        """A successor asks for everything; hand it over between two loop steps."""
+        self.call_later(0, lambda: takeover.hand_over(self))
+
+    def export_extra(self, index_of: Callable[[Connection], int | None]) -> dict:
+        """State beyond clients, sessions and items that a successor needs."""
+        return {}
+
+    def adopt_extra(self, extra: dict, connections: list[Connection]) -> None:
+        """Take over what ``export_extra`` exported."""
+
+    def let_go(self) -> None:
+        """The successor took everything: stop what dies with this process."""
+        if self.lister is not None:
+            self.lister.terminate()
+
+    def run(self) -> None:
+        self.serve_imported()
+        super().run()
+
+    def shutdown(self, details: dict | str | None = None) -> None:
+        """Stop the lister with the broker; sessions end when their links close."""
+        if self.lister is not None and self.keep_going:
+            self.lister.terminate()
+        super().shutdown(details)
+
+    # -- the lister --------------------------------------------------------------------
+
+    def _start_lister(self) -> None:
+        """Run the udev lister as a child, if any installed type is found through udev."""
+        listed = {name: t for name, t in self.types.items() if t.udev_subsystems}
+        if not listed or not self.keep_going:
+            return
+        from ave.broker.lister import Lister
+        self.lister = Lister((self.config['host'], self.port), self.alt_keys.get('share'),
+                             listed, self.allocator.type_settings, self.home,
+                             logging=self.logging)
+        try:
+            self.lister.start()
+        except OSError as error:
+            log.error('cannot start the lister (%s); retrying', error)
+            self._lister_ended(None)
+            return
+        self.join_later(self.lister)
+
+    def _lister_ended(self, exit: int | None) -> None:
+        log.warning('lister ended with status %s; restarting it', exit)
+        self.lister = None
+        self.call_later(LISTER_RESTART_DELAY, self._start_lister)
 
     # -- clients and sessions ----------------------------------------------------------
 
     def _client(self) -> Client:
+        assert self.caller is not None
         connection = self.caller.connection
-        if connection in self.links:
+        if self.state.is_link(connection):
             raise AuthError('sessions do not allocate equipment')
-        client = self.clients.get(connection)
+        client = self.state.client(connection)
         if client is None:
-            client = self.clients[connection] = Client(self._next_holder)
-            self._next_holder += 1
+            client = self.state.add_client(connection, str(connection.address[0]))
         return client
-
-    def _start_session(self, client: Client) -> SessionRecord:
-        """Fork the client's session without waiting for it to initialize."""
-        listener, port = find_free_port(host=self.config['host'])
-        broker_end, session_end = socketlib.socketpair()
-        authkey = secrets.token_urlsafe(32)
-        process = Session(listener, authkey, session_end, self.types, self.home,
-                          logging=self.logging)
-        try:
-            process.start()
-        finally:
-            session_end.close()
-        link = Connection(('session', process.pid), broker_end)
-        record = SessionRecord(process, port, authkey, link)
-        self.add_connection(link)
-        self.links[link] = record
-        self.sessions[process.pid] = record
-        self.join_later(process)
-        client.session = record
-        return record
 
     def _close_session(self, client: Client) -> None:
         """Free the client's equipment: its session tears it down and exits."""
         for key in self.allocator.held_by(client.holder):
             self.allocator.begin_release(key)
-        record, client.session = client.session, None
+        record = self.state.detach(client)
         if record is not None:
-            record.process.terminate()
-            self.call_later(SESSION_KILL_GRACE, lambda: self._kill_if_running(record))
-
-    def _kill_if_running(self, record: SessionRecord) -> None:
-        """A session stuck in teardown is killed, but only while it is unreaped (its pid
-        cannot have been reused by another process yet)."""
-        if self.sessions.get(record.process.pid) is record:
-            log.warning('session %d did not end in time: killing it', record.process.pid)
-            os.kill(record.process.pid, signal.SIGKILL)
+            self.keeper.close(record)
 
     def lost_connection(self, connection: Connection, authkey: str | None) -> None:
-        client = self.clients.pop(connection, None)
+        client = self.state.remove_client(connection)
         if client is not None:
             self._close_session(client)
-        record = self.links.pop(connection, None)
+        record = self.state.session_of_link(connection)
         if record is not None:
-            for client in self.clients.values():
-                if client.session is record:
-                    client.session = None
+            self.state.forget_link(record)
 
     def joined_process(self, pid: int, exit: int | None) -> None:
         if self.lister is not None and pid == self.lister.pid:
             self._lister_ended(exit)
             return
-        record = self.sessions.pop(pid, None)
-        if record is None:
-            return
-        if exit not in (0, None):
-            log.warning('session %d ended with status %s', pid, exit)
-        for key in record.keys:
-            self.allocator.finish_release(key)
-        for client in self.clients.values():
-            if client.session is record:
-                client.session = None
-        if record.link is not None:
-            if not record.link.closed:
-                self.remove_connection(record.link)
-                record.link.close()
-            self.links.pop(record.link, None)
+        self.keeper.ended(pid, exit)
 
 
-def _item_state(item: Item) -> dict:
-    return {'profile': dict(item.profile), 'settings': item.settings,
-            'holder': item.holder, 'releasing': item.releasing, 'present': item.present,
-            'tainted': item.tainted, 'static': item.static}
+def limits_of(config: dict) -> Limits:
+    """The connection caps of broker.json's ``"limits"``, fitted to the descriptors."""
+    limits = config['limits']
+    return Limits(frame_bytes=limits['frame_bytes'],
+                  buffered_bytes=limits['buffered_bytes'],
+                  connections=limits['connections'],
+                  connections_per_address=limits['connections_per_address'],
+                  handshake_s=limits['handshake_s']).fitted_to_descriptors()
+
+
+def _who(client: Client) -> str:
+    identity = client.describe()
+    return clip(' '.join(f'{k}={v}' for k, v in identity.items()), 300)
 
 
 def _parse_request(profiles: tuple) -> list[dict | list[dict]]:
@@ -470,4 +376,3 @@ def _parse_request(profiles: tuple) -> list[dict | list[dict]]:
 def _profile(value: Any) -> dict:
     Profile.validate(value)
     return dict(value)
-

@@ -57,6 +57,9 @@ class EquipmentType:
     profile_class: type[Profile] = Profile
     resource_class: type[Resource] = Resource
     on_demand = False
+    # Types that leave things behind on the host (workspace directories) say so: the
+    # broker then asks them at a fresh start to ``sweep`` what no session owns.
+    sweeps = False
     # Types found by the broker's lister name the udev subsystems to watch; the
     # lister asks ``from_udev`` what each device there is (None: not this type).
     udev_subsystems: tuple[str, ...] = ()
@@ -99,6 +102,10 @@ class EquipmentType:
         """
         return None
 
+    def sweep(self, settings: dict, keep: set[str]) -> None:
+        """Remove what items of this type left behind, except for the identities in
+        ``keep`` (still held by live sessions). Runs in a child of the broker."""
+
     def create(self, settings: dict) -> Profile:
         """A brand-new item of an on-demand type (each request gets its own)."""
         raise NotImplementedError(f'{self.name} equipment is not created on demand')
@@ -111,10 +118,15 @@ def _is_scalar(value: Any) -> bool:
 def load_types() -> dict[str, EquipmentType]:
     """Every installed equipment type by name; a broken plug-in fails loudly here."""
     types: dict[str, EquipmentType] = {}
+    origins: dict[str, str] = {}
     for point in entry_points(group=ENTRY_POINT_GROUP):
         equipment_type = point.load()
         if not isinstance(equipment_type, EquipmentType):
             raise TypeError(f'entry point {point.name} ({point.value}) is not an '
                             'EquipmentType instance')
+        if equipment_type.name in types and types[equipment_type.name] is not equipment_type:
+            raise TypeError(f'equipment type {equipment_type.name!r} is registered twice: '
+                            f'by {origins[equipment_type.name]} and by {point.value}')
         types[equipment_type.name] = equipment_type
+        origins[equipment_type.name] = point.value
     return types
