@@ -53,6 +53,12 @@ def pid_file_path(home: str) -> str:
     return os.path.join(home, '.ave', 'broker.pid')
 
 
+def lock_file_path(home: str) -> str:
+    """A file every broker of ``home`` keeps open: how its process is known to belong
+    to this home and not to another whose pid file names the same pid."""
+    return os.path.join(home, '.ave', 'broker.lock')
+
+
 def log_dir(home: str) -> str:
     """Where a daemonized broker of ``home`` writes ``broker.log`` and its rotations."""
     return os.path.join(home, '.ave', 'logs')
@@ -68,6 +74,8 @@ class BrokerDaemon(BrokerServer):
         super().__init__(home, broker_config, authkeys, types, type_settings, logging=True,
                          takeover_from=takeover_from)
         self.foreground = foreground
+        self._staged_pid: str | None = None
+        self._lock_fd: int | None = None
 
     @classmethod
     def from_home(cls, home: str, foreground: bool = False,
@@ -126,13 +134,47 @@ class BrokerDaemon(BrokerServer):
                             force=True)
 
     def initialize(self) -> None:
-        """Install signal handling, then announce the pid: the broker is ready."""
-        super().initialize()
+        """Install signal handling, then announce the pid: the broker is ready.
+
+        Everything that can fail for want of disk space (the pid file's content, the
+        home lock) happens in ``prepare_to_serve``, before a predecessor lets go;
+        after that, publishing the pid file is a rename, and even its failure is
+        logged rather than fatal: the broker serves jobs, the file is a courtesy.
+        """
+        try:
+            super().initialize()
+        except BaseException:
+            self._discard_staged_pid()
+            raise
         if self.foreground:
             signal.signal(signal.SIGINT, self.handle_SIGTERM)  # Ctrl-C stops it cleanly
-        write_pid_file(pid_file_path(self.home), os.getpid())
+        self._publish_pid()
         log.info('broker started: pid %d, listening on %s:%d, home %s',
                  os.getpid(), self.config['host'], self.port, self.home)
+        for account in ('admin', 'share'):
+            if not self.alt_keys.get(account):
+                log.warning('authkeys.json has no %s key: every client may make %s calls',
+                            account, account)
+
+    def prepare_to_serve(self) -> None:
+        """Stage the pid file and take the home's lock, which tells the CLI whose
+        broker a pid is."""
+        self._lock_fd = os.open(lock_file_path(self.home),
+                                os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._staged_pid = stage_pid_file(pid_file_path(self.home), os.getpid())
+
+    def _publish_pid(self) -> None:
+        assert self._staged_pid is not None
+        try:
+            os.replace(self._staged_pid, pid_file_path(self.home))
+        except OSError as error:
+            log.error('cannot publish the pid file %s: %s; serving on',
+                      pid_file_path(self.home), error)
+
+    def _discard_staged_pid(self) -> None:
+        if self._staged_pid is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._staged_pid)
 
     def run(self) -> None:
         """Serve until shut down; the pid file goes with the process, however it ends."""
@@ -214,7 +256,7 @@ def find_broker(home: str) -> BrokerStatus:
         pid, written = _read_pid_file(path)
     except FileNotFoundError:
         return BrokerStatus(None)
-    process = _live_broker(pid, written) if pid is not None else None
+    process = _live_broker(pid, written, home) if pid is not None else None
     if process is not None:
         return BrokerStatus(process)
     remove_pid_file(path, pid)
@@ -229,28 +271,33 @@ def _read_pid_file(path: str) -> tuple[int | None, float]:
     return (int(text) if text.isdigit() else None), written
 
 
-def _live_broker(pid: int, written: float) -> psutil.Process | None:
+def _live_broker(pid: int, written: float, home: str) -> psutil.Process | None:
+    lock = lock_file_path(home)
     try:
         process = psutil.Process(pid)
         if (process.status() == psutil.STATUS_ZOMBIE or process.name() != PROC_NAME
-                or process.create_time() > written + _START_TIME_SLACK):
+                or process.create_time() > written + _START_TIME_SLACK
+                or not any(f.path == lock for f in process.open_files())):
             return None
     except psutil.Error:
         return None  # gone, or not ours to inspect: either way not our broker
     return process
 
 
-def write_pid_file(path: str, pid: int) -> None:
-    """Publish ``pid`` at ``path`` atomically: readers see the old file or the new one."""
+def stage_pid_file(path: str, pid: int) -> str:
+    """Write ``pid`` to a new file beside ``path`` and return its name; renaming it
+    to ``path`` publishes it atomically (readers see the old file or the new one)."""
     temp = f'{path}.{secrets.token_hex(4)}.tmp'
     try:
         with open(temp, 'x', encoding='ascii') as stream:
             stream.write(f'{pid}\n')
-        os.replace(temp, path)
+            stream.flush()
+            os.fsync(stream.fileno())
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
+    return temp
 
 
 def remove_pid_file(path: str, pid: int | None) -> None:
