@@ -24,7 +24,7 @@ import os
 import shlex
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psutil
@@ -120,15 +120,25 @@ def _restart(home: str, args: argparse.Namespace) -> int:
     if running is None:
         return _start(home, args)
     broker = daemon.BrokerDaemon.from_home(home, takeover_from=running)
-    return _launch(broker, f'restart failed; broker {running} serves on')
+    return _launch(broker, lambda: _after_failed_restart(home))
 
 
-def _launch(broker: daemon.BrokerDaemon, failure: str) -> int:
+def _after_failed_restart(home: str) -> str:
+    """What a failed restart left running, checked rather than assumed."""
+    serving = daemon.find_broker(home).pid
+    if serving is None:
+        return (f'restart failed and no broker runs now; see {daemon.log_dir(home)} '
+                'and start one with ave-broker --start')
+    return f'restart failed; broker {serving} serves on'
+
+
+def _launch(broker: daemon.BrokerDaemon, failure: str | Callable[[], str]) -> int:
     """Start the daemon, print its pid once it serves; its start-up failure ends here."""
     try:
         pid = broker.start(daemonize=True, synchronize=True)
     except StartError as error:
-        raise Failure(f'{failure}: {error}') from None
+        what = failure if isinstance(failure, str) else failure()
+        raise Failure(f'{what}: {error}') from None
     print(pid)
     return 0
 

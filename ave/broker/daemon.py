@@ -272,16 +272,27 @@ def _read_pid_file(path: str) -> tuple[int | None, float]:
 
 
 def _live_broker(pid: int, written: float, home: str) -> psutil.Process | None:
-    lock = lock_file_path(home)
     try:
         process = psutil.Process(pid)
         if (process.status() == psutil.STATUS_ZOMBIE or process.name() != PROC_NAME
                 or process.create_time() > written + _START_TIME_SLACK
-                or not any(f.path == lock for f in process.open_files())):
+                or not _holds_lock(process, home)):
             return None
     except psutil.Error:
         return None  # gone, or not ours to inspect: either way not our broker
     return process
+
+
+def _holds_lock(process: psutil.Process, home: str) -> bool:
+    """Whether ``process`` is the broker of ``home``: it keeps the home's lock open.
+
+    A home without a lock file was last served by a broker from before the lock
+    existed (a package upgrade restarts it); name and start time must do then.
+    """
+    lock = lock_file_path(home)
+    if not os.path.exists(lock):
+        return True
+    return any(f.path == lock for f in process.open_files())
 
 
 def stage_pid_file(path: str, pid: int) -> str:
