@@ -65,7 +65,12 @@ class RemoteControl:
             connection.close()
             raise
         self._connection = connection
+        self._connected()
         return connection
+
+    def _connected(self) -> None:
+        """Called once a new connection is ready, before the call that made it; a
+        subclass may introduce itself here."""
 
     def _handshake(self, connection: BlockingConnection) -> None:
         nonce = protocol.parse_challenge(connection.get(self._timeout))
@@ -79,15 +84,20 @@ class RemoteControl:
             self._connection.close()
             self._connection = None
 
-    def _call(self, method: str, vargs: tuple, kwargs: dict) -> Any:
+    def _call(self, method: str, vargs: tuple, kwargs: dict,
+              reply_timeout: Any = _SAME_AS_TIMEOUT) -> Any:
+        """One request and its reply; ``reply_timeout`` overrides the usual bound on
+        waiting for the reply (a waiting allocation waits as long as it asked)."""
         is_async = bool(kwargs.pop('__async__', False))
         payload = protocol.encode_request(method, self._resource, vargs, kwargs, is_async)
         connection = self._connect()
+        if reply_timeout is _SAME_AS_TIMEOUT:
+            reply_timeout = self._reply_timeout
         try:
             connection.put(payload, self._timeout)
             if is_async:
                 return None
-            reply = connection.get(self._reply_timeout)
+            reply = connection.get(reply_timeout)
         except BaseException:
             self._disconnect()  # a half-done exchange would answer the wrong call later
             raise
