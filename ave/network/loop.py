@@ -148,6 +148,7 @@ class EventLoop(Process):
             handler = self._handlers.get(item.state)
             if handler is not None:
                 handler(item, mask)
+        self._run_from_threads()
         now = time.monotonic()
         if events:
             self._last_activity = now
@@ -231,7 +232,6 @@ class EventLoop(Process):
             item.receiver.recv(4096)
         except (BlockingIOError, InterruptedError):
             pass  # nothing queued: a signal handler already set its flag
-        self._run_from_threads()
 
     # -- processes ---------------------------------------------------------------------
 
