@@ -11,7 +11,13 @@ not (adb starting its server, for instance) dies with it.
 Output is returned as text: UTF-8 with undecodable bytes replaced by U+FFFD. The
 terminal does its usual output processing, so lines end in ``\\r\\n``.
 
-Requires Linux 5.3 or later (``pidfd_open``).
+The command starts with every signal at its default action and none blocked, in a
+new session, with no descriptor of the caller's but its terminal. It is started
+without copying the caller (``native/spawn.c``: vfork), so a call is cheap and safe
+from any thread while others run.
+
+Requires Linux 5.3 or later (``pidfd_open``). Before 5.9 (``close_range``) descriptors
+the caller made inheritable on purpose pass on to the command.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from ave.exceptions import RunError, Timeout
 __all__ = ['run', 'run_bg']
 
 Command = str | list[str] | tuple[str, ...]
-Path = str | os.PathLike
+Path = str | os.PathLike[str]
 
 
 def run(cmd: Command, timeout: float = 0, debug: bool = False, cwd: Path = '',
@@ -122,7 +128,10 @@ def _argv(cmd: object) -> list[str]:
 def _directory(cwd: object) -> str:
     if not isinstance(cwd, (str, os.PathLike)):
         raise TypeError(f'cwd must be a path, not {type(cwd).__name__}')
-    return os.fspath(cwd)
+    path = os.fsdecode(cwd)
+    if '\0' in path:
+        raise ValueError(f'cwd contains a NUL character: {path!r}')
+    return path
 
 
 def _seconds(timeout: object) -> float:

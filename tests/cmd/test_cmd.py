@@ -1,14 +1,13 @@
-"""ave.cmd against real processes on real pseudoterminals; nothing is mocked.
+"""ave.cmd.run and run_bg against real processes on real pseudoterminals; nothing is
+mocked. How the child is set up (session, terminal, signals, descriptors, threads) is
+tested in test_spawn.py, the tail helper in test_tail.py.
 
 Tests that start processes able to outlive a failing assertion hand their pids to the
-``doomed`` fixture, which kills whatever is still alive when the test ends.
+``doomed`` fixture (conftest.py), which kills whatever is still alive when the test ends.
 """
-import errno
 import os
-import select
 import signal
 import sys
-import threading
 import time
 
 import psutil
@@ -16,110 +15,10 @@ import pytest
 
 from ave.cmd import run, run_bg
 from ave.exceptions import RunError, Timeout
+from cmd_support import (all_gone, gone, open_descriptors, pids_in, pty_descriptors,
+                         read_until_closed)
 
 PY = sys.executable
-
-
-@pytest.fixture
-def doomed():
-    """Pids to SIGKILL at teardown, so a failed test leaves nothing running."""
-    pids = []
-    yield pids
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-@pytest.fixture(autouse=True)
-def _reap_children():
-    """Kill and reap any direct child a test left behind (a bug, but not a hang)."""
-    yield
-    for child in psutil.Process().children():
-        try:
-            child.kill()
-            os.waitpid(child.pid, 0)
-        except (psutil.NoSuchProcess, ChildProcessError):
-            pass
-
-
-@pytest.fixture
-def restore_signals():
-    """Give a test free rein over signal handling; put everything back afterwards."""
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD,
-               signal.SIGPIPE)
-    saved = {signum: signal.getsignal(signum) for signum in handled}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
-    yield
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
-
-
-def gone(pid: int) -> bool:
-    """True when ``pid`` is not running (a zombie waiting for its reaper counts)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def all_gone(pids: list[int], within: float = 2.0) -> bool:
-    """SIGKILL is delivered at once but dying takes a moment: allow ``within`` s."""
-    end = time.monotonic() + within
-    while time.monotonic() < end:
-        if all(gone(pid) for pid in pids):
-            return True
-        time.sleep(0.02)
-    return all(gone(pid) for pid in pids)
-
-
-def pids_in(text: str) -> list[int]:
-    return [int(word) for word in text.split() if word.isdigit()]
-
-
-def in_forked_helper(action) -> list[str]:
-    """Run ``action`` in a forked copy of this process; return what every copy wrote.
-
-    The helper writes one line with the action's result and exits. If the code under
-    test ever let a second copy of its caller run on, that copy would write a second
-    line into the same pipe.
-    """
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_end)
-            try:
-                line = f'done: {action()}'
-            except Exception as exc:  # report whatever happened to the test
-                line = f'raised: {exc!r}'
-            os.write(write_end, (line + '\n').encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    try:
-        data = b''
-        while select.select([read_end], [], [], 20)[0]:
-            chunk = os.read(read_end, 4096)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        os.close(read_end)
-        os.waitpid(pid, 0)
-    return data.decode().splitlines()
-
-
-def open_descriptors() -> list[str]:
-    return [os.readlink(f'/proc/self/fd/{name}') for name in os.listdir('/proc/self/fd')
-            if os.path.exists(f'/proc/self/fd/{name}')]
-
-
-def pty_descriptors() -> int:
-    return sum(1 for target in open_descriptors()
-               if target == '/dev/ptmx' or target.startswith('/dev/pts/'))
 
 
 # --- exit codes ---------------------------------------------------------------------
@@ -203,50 +102,6 @@ def test_output_file_receives_output_while_the_command_runs(tmp_path):
 def test_debug_echoes_output_to_stderr(capfd):
     run(['echo', 'shown-on-stderr'], debug=True)
     assert 'shown-on-stderr' in capfd.readouterr().err, 'debug must echo to stderr'
-
-
-def test_command_is_session_leader_with_the_pty_as_controlling_terminal():
-    script = ('import os\n'
-              'print(os.getsid(0) == os.getpid(), os.getpgid(0) == os.getpid(),'
-              ' os.isatty(1))\n'
-              'os.close(os.open("/dev/tty", os.O_RDWR))\n')
-    assert run([PY, '-c', script]) == (0, 'True True True\r\n'), \
-        'the command must lead its own session with the pty as controlling terminal'
-
-
-def test_child_starts_with_default_signal_handling(restore_signals):
-    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
-        signal.signal(signum, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-    _, out = run(['grep', '-E', '^Sig(Blk|Ign)', '/proc/self/status'])
-    masks = dict(line.split(':') for line in out.replace('\t', '').splitlines())
-    touched = (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGTERM,
-               signal.SIGCHLD, signal.SIGUSR1)
-    inherited = [signal.Signals(signum).name for signum in touched
-                 if int(masks['SigBlk'], 16) & (1 << (signum - 1))
-                 or int(masks['SigIgn'], 16) & (1 << (signum - 1))]
-    # Only the signals the caller changed are checked: whatever started the test run
-    # may ignore others (glibc's real-time signals 32 and 33 under some CI harnesses).
-    assert inherited == [], f'the command inherited blocked or ignored {inherited}: {out!r}'
-
-
-def test_works_from_a_thread_other_than_main():
-    results = []
-    worker = threading.Thread(target=lambda: results.append(run(['echo', 'hi'])))
-    worker.start()
-    worker.join(10)
-    assert results == [(0, 'hi\r\n')], 'run() must work outside the main thread'
-
-
-def test_works_when_the_caller_closed_its_stdio():
-    def closed_stdio_run():
-        for fd in (0, 1, 2):
-            os.close(fd)
-        return run(['echo', 'hi'])
-    assert in_forked_helper(closed_stdio_run) == ["done: (0, 'hi\\r\\n')"], \
-        'descriptors 0-2 being free must not confuse the child set-up'
 
 
 # --- when output ends ---------------------------------------------------------------
@@ -362,40 +217,7 @@ def test_a_thousand_runs_leak_no_descriptors_ptys_or_zombies():
     assert psutil.Process().children() == [], 'zombies left behind'
 
 
-# --- start failures -----------------------------------------------------------------
-
-def test_missing_program_raises_run_error_in_exactly_one_process():
-    def missing():
-        try:
-            run(['no-such-program-ave-test'])
-        except RunError as exc:
-            return f'RunError {exc.message}'
-        return 'no error'
-    lines = in_forked_helper(missing)
-    assert len(lines) == 1, f'the caller continued in {len(lines)} processes: {lines}'
-    assert lines[0].startswith('done: RunError cannot run'), lines[0]
-
-
-def test_run_error_carries_command_output_and_message():
-    cmd = ['no-such-program-ave-test', '--flag']
-    with pytest.raises(RunError) as caught:
-        run(cmd)
-    details = caught.value.details
-    assert (details['cmd'], details['out']) == (cmd, ''), details
-    assert 'No such file or directory' in details['message'], details
-
-
-def test_program_that_is_not_executable_raises_run_error(tmp_path):
-    script = tmp_path / 'script'
-    script.write_text('#!/bin/sh\necho never\n')
-    with pytest.raises(RunError, match='Permission denied'):
-        run([str(script)])
-
-
-def test_missing_directory_raises_run_error(tmp_path):
-    with pytest.raises(RunError, match='cannot change directory'):
-        run(['true'], cwd=tmp_path / 'missing')
-
+# --- a caller that ignores SIGCHLD ---------------------------------------------------
 
 def test_caller_ignoring_sigchld_gets_a_clear_error_with_the_output(restore_signals):
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
@@ -448,19 +270,6 @@ def test_run_bg_refuses_bad_commands():
 
 
 # --- run_bg -------------------------------------------------------------------------
-
-def read_until_closed(fd: int, within: float = 5.0) -> bytes:
-    data, end = b'', time.monotonic() + within
-    while select.select([fd], [], [], max(0.0, end - time.monotonic()))[0]:
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError as exc:
-            if exc.errno != errno.EIO:
-                raise
-            break
-        data += chunk
-    return data
-
 
 @pytest.mark.timeout(10)
 def test_run_bg_gives_the_pid_and_a_pty_carrying_the_output():
