@@ -8,12 +8,14 @@ Tests that start processes able to outlive a failing assertion hand their pids t
 import os
 import signal
 import sys
+import threading
 import time
 
 import psutil
 import pytest
 
 from ave.cmd import run, run_bg
+from ave.cmd.tail import cut_notice
 from ave.exceptions import RunError, Timeout
 from cmd_support import (all_gone, gone, open_descriptors, pids_in, pty_descriptors,
                          read_until_closed)
@@ -202,6 +204,95 @@ def test_error_while_streaming_kills_and_reaps_the_command(tmp_path):
         with pytest.raises(OSError):
             run(['sh', '-c', 'echo x; sleep 30'], output_file=not_writable)
     assert psutil.Process().children() == [], 'the command outlived the failed call'
+
+
+# --- max_output ---------------------------------------------------------------------
+
+def numbered_lines(count: int) -> str:
+    """What ``seq 1 COUNT`` prints, as it comes out of a terminal."""
+    return ''.join(f'{i}\r\n' for i in range(1, count + 1))
+
+
+def test_max_output_keeps_the_tail_after_a_line_saying_what_was_cut():
+    full = numbered_lines(100_000)
+    _, out = run(['seq', '1', '100000'], max_output=1000)
+    assert out == cut_notice(len(full) - 1000, 1000) + full[-1000:], \
+        f'expected the notice and the last 1000 characters, got {out[:120]!r}...'
+
+
+def test_output_within_max_output_is_returned_whole():
+    assert run(['seq', '1', '3'], max_output=9) == (0, '1\r\n2\r\n3\r\n'), \
+        'output at the limit must not be cut'
+
+
+def test_output_file_gets_everything_when_max_output_cuts(tmp_path):
+    path = tmp_path / 'out.txt'
+    with open(path, 'w', encoding='utf-8', newline='') as sink:
+        _, out = run(['seq', '1', '100000'], output_file=sink, max_output=100)
+    full = numbered_lines(100_000)
+    with open(path, encoding='utf-8', newline='') as written:
+        assert written.read() == full, 'output_file must receive the whole output'
+    assert out == cut_notice(len(full) - 100, 100) + full[-100:], 'the tail is wrong'
+
+
+def peak_rss_growth_during(action) -> int:
+    """Bytes the process's resident set grew by at its highest while ``action`` ran,
+    sampled every few milliseconds from another thread."""
+    me, stop = psutil.Process(), threading.Event()
+    base = peak = me.memory_info().rss
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.wait(0.005):
+            peak = max(peak, me.memory_info().rss)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        action()
+    finally:
+        stop.set()
+        sampler.join(5)
+    return max(peak, me.memory_info().rss) - base
+
+
+@pytest.mark.timeout(60)
+def test_memory_stays_bounded_by_max_output_whatever_the_command_prints():
+    printed, limit, bound = 200_000_000, 1 << 20, 32 << 20
+    results = []
+    with open(os.devnull, 'w', encoding='utf-8') as sink:
+        growth = peak_rss_growth_during(lambda: results.append(run(
+            ['sh', '-c', f"head -c {printed} /dev/zero | tr '\\0' x"],
+            output_file=sink, max_output=limit)))
+    (code, out), = results
+    assert out == cut_notice(printed - limit, limit) + 'x' * limit, \
+        f'unexpected output: {out[:100]!r}... ({len(out)} characters)'
+    assert growth < bound, \
+        f'RSS grew by {growth >> 20} MiB while {printed // 10**6} MB passed through ' \
+        f'a {limit >> 20} MiB max_output (bound: {bound >> 20} MiB)'
+
+
+@pytest.mark.timeout(20)
+def test_timeout_output_is_cut_to_max_output_too():
+    script = "seq 1 200000; echo last-line; sleep 30"
+    with pytest.raises(Timeout) as caught:
+        run(['sh', '-c', script], timeout=2, max_output=500)
+    out = caught.value.out
+    notice, _, kept = out.partition('\n')
+    assert notice.startswith('[ave.cmd: ') and len(kept) == 500, \
+        f'Timeout.out must be a notice and 500 characters: {out[:120]!r}...'
+    assert kept.endswith('200000\r\nlast-line\r\n'), f'the end is missing: {kept!r}'
+
+
+@pytest.mark.parametrize('max_output, error', [
+    (-1, ValueError), (1.5, TypeError), ('10', TypeError), (True, TypeError)])
+def test_bad_max_output_is_refused(max_output, error):
+    with pytest.raises(error, match='max_output'):
+        run(['true'], max_output=max_output)
+
+
+def test_max_output_is_keyword_only():
+    with pytest.raises(TypeError):
+        run(['true'], 0, False, '', None, 10)
 
 
 # --- resources ----------------------------------------------------------------------
