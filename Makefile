@@ -8,7 +8,7 @@ STAMP   = $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml native/fdtx.c native/fdtx.h native/build_native.py
+$(STAMP): setup.py pyproject.toml $(wildcard native/*.c native/*.h) native/build_native.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

@@ -9,9 +9,17 @@ properly (a new session, detached from the terminal) outlives the call; one that
 not (adb starting its server, for instance) dies with it.
 
 Output is returned as text: UTF-8 with undecodable bytes replaced by U+FFFD. The
-terminal does its usual output processing, so lines end in ``\\r\\n``.
+terminal does its usual output processing, so lines end in ``\\r\\n``. ``max_output``
+(an AVE extension of the reference signature) bounds what is kept of it, for commands
+whose output would not fit in memory; ``ave.cmd.tail`` is the helper that does it.
 
-Requires Linux 5.3 or later (``pidfd_open``).
+The command starts with every signal at its default action and none blocked, in a
+new session, with no descriptor of the caller's but its terminal. It is started
+without copying the caller (``native/spawn.c``: vfork), so a call is cheap and safe
+from any thread while others run.
+
+Requires Linux 5.3 or later (``pidfd_open``). Before 5.9 (``close_range``) descriptors
+the caller made inheritable on purpose pass on to the command.
 """
 from __future__ import annotations
 
@@ -28,11 +36,12 @@ from ave.exceptions import RunError, Timeout
 __all__ = ['run', 'run_bg']
 
 Command = str | list[str] | tuple[str, ...]
-Path = str | os.PathLike
+Path = str | os.PathLike[str]
 
 
 def run(cmd: Command, timeout: float = 0, debug: bool = False, cwd: Path = '',
-        output_file: TextIO | None = None) -> tuple[int, str]:
+        output_file: TextIO | None = None, *,
+        max_output: int | None = None) -> tuple[int, str]:
     """Run ``cmd`` to completion and return ``(exit_code, output)``.
 
     ``cmd`` is a list of arguments, or a string split on whitespace (no shell quoting).
@@ -41,12 +50,17 @@ def run(cmd: Command, timeout: float = 0, debug: bool = False, cwd: Path = '',
     descendant still on its terminal, is killed and ``Timeout`` raised with ``cmd`` and
     ``out`` (the output so far). ``output_file`` receives the output as it arrives, as
     does ``sys.stderr`` when ``debug`` is set. ``cwd`` '' keeps the current directory.
+    ``max_output`` (None: no limit) caps the characters kept for ``output`` and for
+    ``out``: past it only the last ``max_output`` are kept, after one line that says
+    how many were cut (``ave.cmd.tail.cut_notice``), and memory stays bounded by about
+    that many characters however much the command prints; ``output_file`` and
+    ``debug`` still get everything.
     Raises ``RunError`` when the command cannot be started.
     """
     argv = _argv(cmd)
     cwd = _directory(cwd)
     timeout = _seconds(timeout)
-    output = Output(_sinks(debug, output_file))
+    output = Output(_sinks(debug, output_file), _output_limit(max_output))
     pid, master = _start(cmd, argv, cwd)
     try:
         return _conclude(cmd, pid, master, output, timeout)
@@ -122,7 +136,21 @@ def _argv(cmd: object) -> list[str]:
 def _directory(cwd: object) -> str:
     if not isinstance(cwd, (str, os.PathLike)):
         raise TypeError(f'cwd must be a path, not {type(cwd).__name__}')
-    return os.fspath(cwd)
+    path = os.fsdecode(cwd)
+    if '\0' in path:
+        raise ValueError(f'cwd contains a NUL character: {path!r}')
+    return path
+
+
+def _output_limit(max_output: object) -> int | None:
+    if max_output is None:
+        return None
+    if not isinstance(max_output, int) or isinstance(max_output, bool):
+        raise TypeError(f'max_output must be a number of characters or None, not '
+                        f'{type(max_output).__name__}')
+    if max_output < 0:
+        raise ValueError(f'max_output must be >= 0 (None: no limit), not {max_output}')
+    return max_output
 
 
 def _seconds(timeout: object) -> float:

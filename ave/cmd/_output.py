@@ -6,6 +6,8 @@ import errno
 import os
 from typing import TextIO
 
+from ave.cmd.tail import Tail
+
 # Large enough that a fast writer costs few system calls (a pty hands over at most a few
 # KiB per read anyway), small enough to stay clear of per-read mmap in the allocator.
 READ_SIZE = 65536
@@ -25,11 +27,15 @@ def read_chunk(master: int) -> bytes:
 
 
 class Output:
-    """Decodes output incrementally, so a character split across reads stays whole."""
+    """Decodes output incrementally, so a character split across reads stays whole.
 
-    def __init__(self, sinks: list[TextIO]) -> None:
+    Listeners (``sinks``) get every character; what is kept for the caller is the last
+    ``limit`` characters (None: everything).
+    """
+
+    def __init__(self, sinks: list[TextIO], limit: int | None = None) -> None:
         self._decode = codecs.getincrementaldecoder('utf-8')('replace').decode
-        self._parts: list[str] = []
+        self._kept = Tail(limit)
         self._sinks = sinks
 
     def feed(self, data: bytes, final: bool = False) -> None:
@@ -37,12 +43,13 @@ class Output:
         text = self._decode(data, final)
         if not text:
             return
-        self._parts.append(text)
+        self._kept.add(text)
         for sink in self._sinks:
             sink.write(text)
             sink.flush()
 
     def finish(self) -> str:
-        """Everything seen so far, including a dangling partial character."""
+        """What is kept of everything seen so far, including a dangling partial
+        character."""
         self.feed(b'', final=True)
-        return ''.join(self._parts)
+        return self._kept.text()

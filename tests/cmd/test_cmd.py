@@ -1,11 +1,11 @@
-"""ave.cmd against real processes on real pseudoterminals; nothing is mocked.
+"""ave.cmd.run and run_bg against real processes on real pseudoterminals; nothing is
+mocked. How the child is set up (session, terminal, signals, descriptors, threads) is
+tested in test_spawn.py, the tail helper in test_tail.py.
 
 Tests that start processes able to outlive a failing assertion hand their pids to the
-``doomed`` fixture, which kills whatever is still alive when the test ends.
+``doomed`` fixture (conftest.py), which kills whatever is still alive when the test ends.
 """
-import errno
 import os
-import select
 import signal
 import sys
 import threading
@@ -15,111 +15,12 @@ import psutil
 import pytest
 
 from ave.cmd import run, run_bg
+from ave.cmd.tail import cut_notice
 from ave.exceptions import RunError, Timeout
+from cmd_support import (all_gone, gone, open_descriptors, pids_in, pty_descriptors,
+                         read_until_closed)
 
 PY = sys.executable
-
-
-@pytest.fixture
-def doomed():
-    """Pids to SIGKILL at teardown, so a failed test leaves nothing running."""
-    pids = []
-    yield pids
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-@pytest.fixture(autouse=True)
-def _reap_children():
-    """Kill and reap any direct child a test left behind (a bug, but not a hang)."""
-    yield
-    for child in psutil.Process().children():
-        try:
-            child.kill()
-            os.waitpid(child.pid, 0)
-        except (psutil.NoSuchProcess, ChildProcessError):
-            pass
-
-
-@pytest.fixture
-def restore_signals():
-    """Give a test free rein over signal handling; put everything back afterwards."""
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD,
-               signal.SIGPIPE)
-    saved = {signum: signal.getsignal(signum) for signum in handled}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
-    yield
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
-
-
-def gone(pid: int) -> bool:
-    """True when ``pid`` is not running (a zombie waiting for its reaper counts)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def all_gone(pids: list[int], within: float = 2.0) -> bool:
-    """SIGKILL is delivered at once but dying takes a moment: allow ``within`` s."""
-    end = time.monotonic() + within
-    while time.monotonic() < end:
-        if all(gone(pid) for pid in pids):
-            return True
-        time.sleep(0.02)
-    return all(gone(pid) for pid in pids)
-
-
-def pids_in(text: str) -> list[int]:
-    return [int(word) for word in text.split() if word.isdigit()]
-
-
-def in_forked_helper(action) -> list[str]:
-    """Run ``action`` in a forked copy of this process; return what every copy wrote.
-
-    The helper writes one line with the action's result and exits. If the code under
-    test ever let a second copy of its caller run on, that copy would write a second
-    line into the same pipe.
-    """
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_end)
-            try:
-                line = f'done: {action()}'
-            except Exception as exc:  # report whatever happened to the test
-                line = f'raised: {exc!r}'
-            os.write(write_end, (line + '\n').encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    try:
-        data = b''
-        while select.select([read_end], [], [], 20)[0]:
-            chunk = os.read(read_end, 4096)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        os.close(read_end)
-        os.waitpid(pid, 0)
-    return data.decode().splitlines()
-
-
-def open_descriptors() -> list[str]:
-    return [os.readlink(f'/proc/self/fd/{name}') for name in os.listdir('/proc/self/fd')
-            if os.path.exists(f'/proc/self/fd/{name}')]
-
-
-def pty_descriptors() -> int:
-    return sum(1 for target in open_descriptors()
-               if target == '/dev/ptmx' or target.startswith('/dev/pts/'))
 
 
 # --- exit codes ---------------------------------------------------------------------
@@ -203,50 +104,6 @@ def test_output_file_receives_output_while_the_command_runs(tmp_path):
 def test_debug_echoes_output_to_stderr(capfd):
     run(['echo', 'shown-on-stderr'], debug=True)
     assert 'shown-on-stderr' in capfd.readouterr().err, 'debug must echo to stderr'
-
-
-def test_command_is_session_leader_with_the_pty_as_controlling_terminal():
-    script = ('import os\n'
-              'print(os.getsid(0) == os.getpid(), os.getpgid(0) == os.getpid(),'
-              ' os.isatty(1))\n'
-              'os.close(os.open("/dev/tty", os.O_RDWR))\n')
-    assert run([PY, '-c', script]) == (0, 'True True True\r\n'), \
-        'the command must lead its own session with the pty as controlling terminal'
-
-
-def test_child_starts_with_default_signal_handling(restore_signals):
-    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
-        signal.signal(signum, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-    _, out = run(['grep', '-E', '^Sig(Blk|Ign)', '/proc/self/status'])
-    masks = dict(line.split(':') for line in out.replace('\t', '').splitlines())
-    touched = (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGTERM,
-               signal.SIGCHLD, signal.SIGUSR1)
-    inherited = [signal.Signals(signum).name for signum in touched
-                 if int(masks['SigBlk'], 16) & (1 << (signum - 1))
-                 or int(masks['SigIgn'], 16) & (1 << (signum - 1))]
-    # Only the signals the caller changed are checked: whatever started the test run
-    # may ignore others (glibc's real-time signals 32 and 33 under some CI harnesses).
-    assert inherited == [], f'the command inherited blocked or ignored {inherited}: {out!r}'
-
-
-def test_works_from_a_thread_other_than_main():
-    results = []
-    worker = threading.Thread(target=lambda: results.append(run(['echo', 'hi'])))
-    worker.start()
-    worker.join(10)
-    assert results == [(0, 'hi\r\n')], 'run() must work outside the main thread'
-
-
-def test_works_when_the_caller_closed_its_stdio():
-    def closed_stdio_run():
-        for fd in (0, 1, 2):
-            os.close(fd)
-        return run(['echo', 'hi'])
-    assert in_forked_helper(closed_stdio_run) == ["done: (0, 'hi\\r\\n')"], \
-        'descriptors 0-2 being free must not confuse the child set-up'
 
 
 # --- when output ends ---------------------------------------------------------------
@@ -349,6 +206,95 @@ def test_error_while_streaming_kills_and_reaps_the_command(tmp_path):
     assert psutil.Process().children() == [], 'the command outlived the failed call'
 
 
+# --- max_output ---------------------------------------------------------------------
+
+def numbered_lines(count: int) -> str:
+    """What ``seq 1 COUNT`` prints, as it comes out of a terminal."""
+    return ''.join(f'{i}\r\n' for i in range(1, count + 1))
+
+
+def test_max_output_keeps_the_tail_after_a_line_saying_what_was_cut():
+    full = numbered_lines(100_000)
+    _, out = run(['seq', '1', '100000'], max_output=1000)
+    assert out == cut_notice(len(full) - 1000, 1000) + full[-1000:], \
+        f'expected the notice and the last 1000 characters, got {out[:120]!r}...'
+
+
+def test_output_within_max_output_is_returned_whole():
+    assert run(['seq', '1', '3'], max_output=9) == (0, '1\r\n2\r\n3\r\n'), \
+        'output at the limit must not be cut'
+
+
+def test_output_file_gets_everything_when_max_output_cuts(tmp_path):
+    path = tmp_path / 'out.txt'
+    with open(path, 'w', encoding='utf-8', newline='') as sink:
+        _, out = run(['seq', '1', '100000'], output_file=sink, max_output=100)
+    full = numbered_lines(100_000)
+    with open(path, encoding='utf-8', newline='') as written:
+        assert written.read() == full, 'output_file must receive the whole output'
+    assert out == cut_notice(len(full) - 100, 100) + full[-100:], 'the tail is wrong'
+
+
+def peak_rss_growth_during(action) -> int:
+    """Bytes the process's resident set grew by at its highest while ``action`` ran,
+    sampled every few milliseconds from another thread."""
+    me, stop = psutil.Process(), threading.Event()
+    base = peak = me.memory_info().rss
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.wait(0.005):
+            peak = max(peak, me.memory_info().rss)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        action()
+    finally:
+        stop.set()
+        sampler.join(5)
+    return max(peak, me.memory_info().rss) - base
+
+
+@pytest.mark.timeout(60)
+def test_memory_stays_bounded_by_max_output_whatever_the_command_prints():
+    printed, limit, bound = 200_000_000, 1 << 20, 32 << 20
+    results = []
+    with open(os.devnull, 'w', encoding='utf-8') as sink:
+        growth = peak_rss_growth_during(lambda: results.append(run(
+            ['sh', '-c', f"head -c {printed} /dev/zero | tr '\\0' x"],
+            output_file=sink, max_output=limit)))
+    (code, out), = results
+    assert out == cut_notice(printed - limit, limit) + 'x' * limit, \
+        f'unexpected output: {out[:100]!r}... ({len(out)} characters)'
+    assert growth < bound, \
+        f'RSS grew by {growth >> 20} MiB while {printed // 10**6} MB passed through ' \
+        f'a {limit >> 20} MiB max_output (bound: {bound >> 20} MiB)'
+
+
+@pytest.mark.timeout(20)
+def test_timeout_output_is_cut_to_max_output_too():
+    script = "seq 1 200000; echo last-line; sleep 30"
+    with pytest.raises(Timeout) as caught:
+        run(['sh', '-c', script], timeout=2, max_output=500)
+    out = caught.value.out
+    notice, _, kept = out.partition('\n')
+    assert notice.startswith('[ave.cmd: ') and len(kept) == 500, \
+        f'Timeout.out must be a notice and 500 characters: {out[:120]!r}...'
+    assert kept.endswith('200000\r\nlast-line\r\n'), f'the end is missing: {kept!r}'
+
+
+@pytest.mark.parametrize('max_output, error', [
+    (-1, ValueError), (1.5, TypeError), ('10', TypeError), (True, TypeError)])
+def test_bad_max_output_is_refused(max_output, error):
+    with pytest.raises(error, match='max_output'):
+        run(['true'], max_output=max_output)
+
+
+def test_max_output_is_keyword_only():
+    with pytest.raises(TypeError):
+        run(['true'], 0, False, '', None, 10)
+
+
 # --- resources ----------------------------------------------------------------------
 
 @pytest.mark.timeout(60)
@@ -362,40 +308,7 @@ def test_a_thousand_runs_leak_no_descriptors_ptys_or_zombies():
     assert psutil.Process().children() == [], 'zombies left behind'
 
 
-# --- start failures -----------------------------------------------------------------
-
-def test_missing_program_raises_run_error_in_exactly_one_process():
-    def missing():
-        try:
-            run(['no-such-program-ave-test'])
-        except RunError as exc:
-            return f'RunError {exc.message}'
-        return 'no error'
-    lines = in_forked_helper(missing)
-    assert len(lines) == 1, f'the caller continued in {len(lines)} processes: {lines}'
-    assert lines[0].startswith('done: RunError cannot run'), lines[0]
-
-
-def test_run_error_carries_command_output_and_message():
-    cmd = ['no-such-program-ave-test', '--flag']
-    with pytest.raises(RunError) as caught:
-        run(cmd)
-    details = caught.value.details
-    assert (details['cmd'], details['out']) == (cmd, ''), details
-    assert 'No such file or directory' in details['message'], details
-
-
-def test_program_that_is_not_executable_raises_run_error(tmp_path):
-    script = tmp_path / 'script'
-    script.write_text('#!/bin/sh\necho never\n')
-    with pytest.raises(RunError, match='Permission denied'):
-        run([str(script)])
-
-
-def test_missing_directory_raises_run_error(tmp_path):
-    with pytest.raises(RunError, match='cannot change directory'):
-        run(['true'], cwd=tmp_path / 'missing')
-
+# --- a caller that ignores SIGCHLD ---------------------------------------------------
 
 def test_caller_ignoring_sigchld_gets_a_clear_error_with_the_output(restore_signals):
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
@@ -448,19 +361,6 @@ def test_run_bg_refuses_bad_commands():
 
 
 # --- run_bg -------------------------------------------------------------------------
-
-def read_until_closed(fd: int, within: float = 5.0) -> bytes:
-    data, end = b'', time.monotonic() + within
-    while select.select([fd], [], [], max(0.0, end - time.monotonic()))[0]:
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError as exc:
-            if exc.errno != errno.EIO:
-                raise
-            break
-        data += chunk
-    return data
-
 
 @pytest.mark.timeout(10)
 def test_run_bg_gives_the_pid_and_a_pty_carrying_the_output():
