@@ -85,6 +85,16 @@ def test_pacer_sends_at_once_first_then_soon_after_a_change():
     assert pacer.delay(10.3) == 0.0
 
 
+def test_pacer_spaces_costly_snapshots_to_bound_their_share_of_the_loop():
+    pacer = feed.FeedPacer(min_interval=0.1, max_interval=5.0, max_share=0.02)
+    pacer.sent(10.0, cost=0.01)  # a large lab: 10 ms per snapshot
+    pacer.changed()
+    assert pacer.delay(10.0) == pytest.approx(0.5)
+    pacer.sent(10.5, cost=0.001)
+    pacer.changed()
+    assert pacer.delay(10.5) == pytest.approx(0.1)
+
+
 def test_pacer_sends_a_heartbeat_when_nothing_changes():
     pacer = feed.FeedPacer(min_interval=0.1, max_interval=5.0)
     pacer.sent(10.0)

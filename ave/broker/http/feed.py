@@ -12,8 +12,13 @@ What the broker does:
   ``Histogram`` of queue waits the same way;
 - call ``FeedPacer.changed()`` when equipment, holders or the queue change, and send
   a snapshot when ``FeedPacer.delay(now)`` says one is due (soon after a change, no
-  more often than every 100 ms, at least every 5 s even when nothing changed);
-- make the snapshot with ``build_snapshot`` from rows made by ``equipment_row``.
+  more often than every 100 ms, at least every 5 s even when nothing changed), then
+  tell it ``sent(now, cost)`` with the seconds that building and sending took, so
+  that a large lab's snapshots never take more than 2 % of the loop;
+- make the snapshot with ``build_snapshot`` from rows made by ``equipment_row``;
+- skip a due snapshot while the link still has output queued (``link.has_output``)
+  and send it once that has drained: a stalled HTTP process must not make the
+  broker queue snapshots without limit.
 
 The snapshot (schema version 1; ``ave.broker.http.snapshot`` checks it on arrival)::
 
@@ -53,6 +58,7 @@ OTHER_METHOD = 'other'
 
 MIN_INTERVAL = 0.1
 MAX_INTERVAL = 5.0
+MAX_SHARE = 0.02
 
 
 class Histogram:
@@ -138,15 +144,22 @@ class RpcTimings:
 class FeedPacer:
     """Decides when the next snapshot is due: soon after a change, but no more often
     than ``min_interval``, and at least every ``max_interval`` so that the HTTP
-    process can tell a quiet broker from a lost one."""
+    process can tell a quiet broker from a lost one.
 
-    __slots__ = ('min_interval', 'max_interval', 'last_sent', 'dirty')
+    A snapshot's cost grows with the lab (about 3 µs per item to build, encode and
+    send), so the pause after one is also at least its cost divided by ``max_share``:
+    however large the lab, snapshots take at most that share of the loop's time.
+    """
+
+    __slots__ = ('min_interval', 'max_interval', 'max_share', 'last_sent', 'pause', 'dirty')
 
     def __init__(self, min_interval: float = MIN_INTERVAL,
-                 max_interval: float = MAX_INTERVAL) -> None:
+                 max_interval: float = MAX_INTERVAL, max_share: float = MAX_SHARE) -> None:
         self.min_interval = min_interval
         self.max_interval = max_interval
+        self.max_share = max_share
         self.last_sent: float | None = None
+        self.pause = min_interval
         self.dirty = True
 
     def changed(self) -> None:
@@ -156,11 +169,13 @@ class FeedPacer:
         """Seconds until a snapshot is due; 0 means send one now."""
         if self.last_sent is None:
             return 0.0
-        wait = self.min_interval if self.dirty else self.max_interval
+        wait = self.pause if self.dirty else max(self.pause, self.max_interval)
         return max(0.0, self.last_sent + wait - now)
 
-    def sent(self, now: float) -> None:
+    def sent(self, now: float, cost: float = 0.0) -> None:
+        """A snapshot went out at ``now``; making and sending it took ``cost`` seconds."""
         self.last_sent = now
+        self.pause = max(self.min_interval, cost / self.max_share)
         self.dirty = False
 
 
