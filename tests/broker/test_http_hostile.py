@@ -5,6 +5,7 @@ Every loop here is bounded in count and time, and all traffic stays on 127.0.0.1
 """
 from __future__ import annotations
 
+import resource
 import socket
 import time
 
@@ -194,6 +195,23 @@ def test_a_thousand_idle_connections_do_not_lock_out_a_client(server):
         for sock in idle:
             sock.close()
     assert_serves_normally(server)
+
+
+def test_running_out_of_descriptors_evicts_the_stalest_peer(http_process):
+    server = http_process()  # idle peers would hold their descriptors for 10 s
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (64, hard))
+    idle = []
+    try:
+        for _ in range(200):
+            idle.append(connect(server))
+        started = time.monotonic()
+        assert_serves_normally(server)
+        assert time.monotonic() - started < 1.0, 'served at once, not after idle timeouts'
+        assert psutil.Process(server.pid).num_fds() <= 64
+    finally:
+        for sock in idle:
+            sock.close()
 
 
 def server_connections(process: HttpProcess) -> list:

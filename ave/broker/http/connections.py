@@ -24,7 +24,8 @@ Cost contract: a peer controls every byte it sends, so
   answer must be taken within ``write_timeout``, a final drain lasts at most
   ``drain_timeout`` and ``drain_bytes``;
 - at most ``connections`` peers are served; a new one evicts the peer that has gone
-  longest without progress, so idle connections cannot lock everyone else out;
+  longest without progress, so idle connections cannot lock everyone else out (the
+  same happens when the process runs out of descriptors first);
 - a peer with pipelined requests gets one answer per loop turn, so it cannot starve
   the others.
 
@@ -35,6 +36,7 @@ refusal is one status line with a one-line text body, then the connection closes
 from __future__ import annotations
 
 import email.utils
+import errno
 import http
 import logging
 import re
@@ -130,6 +132,7 @@ class HttpFrontend:
         self.connections: OrderedDict[int, HttpConnection] = OrderedDict()
         self.refused: Counter[int] = Counter()
         self.evicted = 0
+        self.pauses = 0
 
     def handlers(self) -> dict[str, Callable[[Any, int], None]]:
         return {LISTENING: self._on_listening, READING: self._on_reading,
@@ -158,10 +161,11 @@ class HttpFrontend:
             self.listener.state = None
             self.listener.sock.close()
 
-    def take_counts(self) -> tuple[Counter[int], int]:
-        """Refusals by status and evictions since the last call (for a log summary)."""
-        counts = (self.refused, self.evicted)
-        self.refused, self.evicted = Counter(), 0
+    def take_counts(self) -> tuple[Counter[int], int, int]:
+        """Refusals by status, evictions and accept pauses since the last call (for a
+        log summary: one line a minute, never one per peer)."""
+        counts = (self.refused, self.evicted, self.pauses)
+        self.refused, self.evicted, self.pauses = Counter(), 0, 0
         return counts
 
     # -- accepting ---------------------------------------------------------------------
@@ -173,17 +177,27 @@ class HttpFrontend:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
-                # Out of descriptors, most likely: wait instead of spinning on the
-                # listener, which stays readable while the backlog is full.
-                log.warning('HTTP accept failed (%s); pausing for %.0f s', error,
-                            LISTENER_PAUSE)
-                self.selector.unregister(listener.sock)
-                listener.paused_until = time.monotonic() + LISTENER_PAUSE
+                if error.errno in (errno.EMFILE, errno.ENFILE) and self.connections:
+                    self._evict()  # out of descriptors: the stalest peer makes room
+                    continue
+                self._pause(listener, error)
                 return
             if len(self.connections) >= self.limits.connections:
-                self.evicted += 1
-                self._close(next(iter(self.connections.values())))
+                self._evict()
             self._admit(sock)
+
+    def _evict(self) -> None:
+        self.evicted += 1
+        self._close(next(iter(self.connections.values())))
+
+    def _pause(self, listener: _Listener, error: OSError) -> None:
+        """Stop accepting for a moment rather than spin on a listener that stays
+        readable while accepting fails."""
+        if not self.pauses:
+            log.warning('HTTP accept failed (%s); pausing for %.0f s', error, LISTENER_PAUSE)
+        self.pauses += 1
+        self.selector.unregister(listener.sock)
+        listener.paused_until = time.monotonic() + LISTENER_PAUSE
 
     def _admit(self, sock: socketlib.socket) -> None:
         sock.setblocking(False)

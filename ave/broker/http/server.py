@@ -162,11 +162,11 @@ class HttpServer(Control):
     def _report(self) -> None:
         """One line a minute at most about misbehaving peers, never one per peer."""
         assert self.frontend is not None, 'reports begin once the frontend exists'
-        refused, evicted = self.frontend.take_counts()
-        if refused or evicted:
+        refused, evicted, pauses = self.frontend.take_counts()
+        if refused or evicted or pauses:
             statuses = ', '.join(f'{count} x {status}' for status, count in sorted(refused.items()))
-            log.warning('HTTP peers in the last minute: refused %s; evicted %d idle',
-                        statuses or 'none', evicted)
+            log.warning('HTTP peers in the last minute: refused %s; evicted %d stale; '
+                        'accepting paused %d times', statuses or 'none', evicted, pauses)
         if self._refused_snapshots > 1:
             log.warning('ignored %d more snapshots from the broker', self._refused_snapshots - 1)
         self._refused_snapshots = 0
