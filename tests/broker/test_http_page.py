@@ -153,6 +153,13 @@ def test_declared_text_never_becomes_markup(http_process, tmp_path):
     assert '<title>AVE lab lab1</title>' in dom
 
 
+def test_before_the_first_snapshot_the_page_says_it_waits(http_process, tmp_path):
+    process = http_process()
+    dom = chromium(tmp_path, url_of(process), '--dump-dom')
+    assert 'Waiting for the broker' in dom and 'No equipment reported.' in dom
+    assert 'Nobody is waiting.' in dom
+
+
 def test_the_page_warns_when_the_broker_went_quiet(http_process, tmp_path):
     process = http_process()
     process.publish(snapshot(now=time.time() - 120))
