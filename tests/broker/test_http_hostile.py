@@ -74,17 +74,23 @@ def server(http_process):
 
 # -- one bad request each ----------------------------------------------------------------
 
-@pytest.mark.parametrize('request_bytes, status', [
-    (b'GET /\r\n', 400),                                     # HTTP/0.9
-    (b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03' + bytes(range(256)), 400),  # TLS hello
-    (b'\x8f\xe2 nonsense \x00\x01\x02\r\n\r\n', 400),        # garbage
-    (b'GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n', 400),
-    (b'GET / HTTP/1.1\r\n\r\n', 400),                         # HTTP/1.1 needs Host
-    (b'GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n', 400),
-    (b'BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n', 405),
-    (b'POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc', 405),
-])
-def test_a_bad_request_gets_one_clear_status(server, request_bytes, status):
+BAD_REQUESTS = {
+    'http 0.9': (b'GET /\r\n', 400),
+    'tls hello': (b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03' + bytes(range(256)), 400),
+    'garbage': (b'\x8f\xe2 nonsense \x00\x01\x02\r\n\r\n', 400),
+    'header without colon': (b'GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n', 400),
+    'http 1.1 without host': (b'GET / HTTP/1.1\r\n\r\n', 400),
+    'negative length': (b'GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n', 400),
+    'two lengths': (b'GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n'
+                    b'Content-Length: 2\r\n\r\nab', 400),
+    'unknown method': (b'BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n', 405),
+    'post': (b'POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc', 405),
+}
+
+
+@pytest.mark.parametrize('name', sorted(BAD_REQUESTS))
+def test_a_bad_request_gets_one_clear_status(server, name):
+    request_bytes, status = BAD_REQUESTS[name]
     with connect(server) as sock:
         sock.sendall(request_bytes)
         answer = read_all(sock)
