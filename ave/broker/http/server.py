@@ -20,7 +20,6 @@ on the way out, and reloaded at start.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -73,7 +72,7 @@ class HttpServer(Control):
         super().__init__(None, home=home, proc_name=PROC_NAME, logging=logging)
         self.http_socket = listener
         self.link_socket = link
-        self.limits = limits
+        self.http_limits = limits
         self.history_path = history.path_in(home or os.path.expanduser('~'))
         self.broker: Connection | None = None
         # The page files are read here, in the broker, so that a broken installation
@@ -94,11 +93,6 @@ class HttpServer(Control):
 
     def close_fds(self, exclude: list[int]) -> None:
         super().close_fds(exclude + [self.http_socket.fileno(), self.link_socket.fileno()])
-        # Unreachable socket and selector objects inherited from the parent would
-        # close their (now closed) descriptor numbers whenever the collector finds
-        # them, by then perhaps reused by this process's own selector or peers.
-        # Finalise them now, while those numbers are still free.
-        gc.collect()
 
     def initialize(self) -> None:
         super().initialize()
@@ -112,9 +106,10 @@ class HttpServer(Control):
         self.add_connection(self.broker)
         # HTTP descriptors share the Control's selector; each registered object names
         # its handler by its ``state``, exactly as the Control's own objects do.
-        self.frontend = HttpFrontend(self._loop(), self.http_socket, self.site.reply,
-                                     self.limits)
-        self._handlers.update(self.frontend.handlers())
+        self.frontend = HttpFrontend(self.selector, self.http_socket, self.site.reply,
+                                     self.http_limits)
+        for state, handler in self.frontend.handlers().items():
+            self.add_handler(state, handler)
         self.frontend.start()
         self._next_report = time.monotonic() + REPORT_INTERVAL
         self.call_later(TICK, self._tick)
