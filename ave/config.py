@@ -250,7 +250,7 @@ def load_broker_config(home: str,
     path = os.path.join(config_dir(home), 'broker.json')
     check = _Checker(path)
     data = check.json_object(None, _read_json(path), BROKER_KEYS)
-    config = {
+    config: dict[str, Any] = {
         'host': check.string('host', data.get('host', DEFAULT_HOST)),
         'port': check.port('port', data.get('port', DEFAULT_PORT)),
         'stacks': _stacks(check, data.get('stacks', [])),

@@ -36,6 +36,8 @@ MAX_PROFILES_PER_GET = 64
 class BrokerServer(Control):
     """Allocates equipment by profile; see DESIGN.md, section Broker."""
 
+    home: str  # always given: the broker's files live there
+
     def __init__(self, home: str, config: dict, authkeys: dict,
                  types: dict[str, EquipmentType], type_settings: dict[str, dict],
                  socket: Any = None, logging: bool = False,
@@ -287,6 +289,7 @@ class BrokerServer(Control):
         if not listed or not self.keep_going:
             return
         from ave.broker.lister import Lister
+        assert self.port is not None
         self.lister = Lister((self.config['host'], self.port), self.alt_keys.get('share'),
                              listed, self.allocator.type_settings, self.home,
                              logging=self.logging)

@@ -97,8 +97,14 @@ class _Then:
 
     def __init__(self, on_result: Callable[[Any], None],
                  on_failure: Callable[[BaseException], None]) -> None:
-        self.result = on_result
-        self.fail = on_failure
+        self._on_result = on_result
+        self._on_failure = on_failure
+
+    def result(self, value: Any = None) -> None:
+        self._on_result(value)
+
+    def fail(self, error: BaseException) -> None:
+        self._on_failure(error)
 
 
 class Session(Control):
@@ -200,8 +206,7 @@ class Session(Control):
         """Resource calls run in a worker thread; the loop stays free meanwhile."""
         if not isinstance(function, _ResourceCall):
             return function(*vargs, **kwargs)
-        hosted, method = function.hosted, function.method
-        self.run_in_thread(lambda: hosted.call(method, vargs, kwargs), self.defer())
+        self.run_in_thread(lambda: function(*vargs, **kwargs), self.defer())
         return None
 
     def _key_of(self, profile: Any) -> Key:
@@ -237,10 +242,14 @@ class Session(Control):
 
 
 class _ResourceCall:
-    """A resource method as ``rpc_function`` found it, with the resource it runs on."""
+    """A resource method as ``rpc_function`` found it, bound to the resource it runs
+    on: calling it waits for the resource's set-up and for its other calls."""
 
     __slots__ = ('hosted', 'method')
 
     def __init__(self, hosted: Hosted, method: Callable) -> None:
         self.hosted = hosted
         self.method = method
+
+    def __call__(self, *vargs: Any, **kwargs: Any) -> Any:
+        return self.hosted.call(self.method, list(vargs), kwargs)

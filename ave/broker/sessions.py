@@ -50,6 +50,7 @@ class SessionKeeper:
             process.start()
         finally:
             session_end.close()
+        assert process.pid is not None
         link = Connection(('session', process.pid), broker_end)
         record = SessionRecord(process, port, authkey, link)
         server.add_connection(link)
