@@ -17,8 +17,11 @@ tell this call's processes from every other. Standard library only, nothing from
 ``ave``: the interpreter runs isolated (-I) without site-packages (-S).
 """
 import os
-import signal
 import sys
+
+# The C half of the signal module: ``signal`` itself imports enum, which would more
+# than double this process's start-up time, paid on every command.
+import _signal  # type: ignore[import-not-found]  # typeshed has no stub for it
 
 STATUS_FD = 3
 
@@ -26,9 +29,9 @@ STATUS_FD = 3
 CANNOT_RUN = 127
 
 # Ignored signals stay ignored across exec, and Python ignores SIGPIPE and SIGXFSZ;
-# the rest are reset in case whoever started us left them ignored or blocked.
-_DEFAULT_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM,
-                    signal.SIGPIPE, signal.SIGCHLD, signal.SIGXFSZ)
+# the rest are reset in case whoever started us left them ignored.
+_DEFAULT_SIGNALS = (_signal.SIGHUP, _signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM,
+                    _signal.SIGPIPE, _signal.SIGCHLD, _signal.SIGXFSZ)
 
 
 def main(args: list[str]) -> None:
@@ -43,41 +46,16 @@ def main(args: list[str]) -> None:
             os.chdir(cwd)
         except OSError as err:
             finish('error', f'cannot change directory to {cwd!r}: {err.strerror}', CANNOT_RUN)
-    report_r, report_w = os.pipe()  # close-on-exec: an exec that works closes it empty
-    pid = os.fork()
-    if pid == 0:
-        become(command, report_w)
-    os.close(report_w)
-    failure = read_all(report_r)
-    status = wait_for(pid)
-    if failure:
-        finish('error', failure, CANNOT_RUN)
-    code = os.waitstatus_to_exitcode(status)
+    try:
+        # posix_spawn reports a failed exec here, in the parent, as the OSError.
+        pid = os.posix_spawnp(command[0], command, os.environ,
+                              setsigdef=_DEFAULT_SIGNALS, setsigmask=())
+    except OSError as err:
+        finish('error', f'cannot run {command[0]!r}: {err.strerror or err}', CANNOT_RUN)
+    code = os.waitstatus_to_exitcode(wait_for(pid))
     if code < 0:
         finish('signal', str(-code), 128 - code)
     finish('exit', str(code), code)
-
-
-def become(command: list[str], report_w: int) -> None:
-    """Child side: exec the command, or tell the parent why not; never returns."""
-    try:
-        for signum in _DEFAULT_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        os.execvp(command[0], command)
-    except Exception as err:  # whatever it is must reach the parent, not unwind here
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        os.write(report_w, f'cannot run {command[0]!r}: {reason}'.encode('utf-8', 'replace'))
-    finally:
-        os._exit(CANNOT_RUN)
-
-
-def read_all(fd: int) -> str:
-    data = b''
-    while chunk := os.read(fd, 4096):
-        data += chunk
-    os.close(fd)
-    return data.decode('utf-8', 'replace')
 
 
 def wait_for(pid: int) -> int:
