@@ -30,6 +30,7 @@ resources get in unit tests.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -248,7 +249,7 @@ class Sandbox:
                 _log.warning('%d killed command(s) did not end within %g s',
                              len(alive), KILL_WAIT)
                 return
-            _kill_marked(alive)
+            _kill_marked(alive, deadline)
             with self._lock:
                 self._ended.wait(_KILL_POLL)
 
@@ -380,45 +381,74 @@ def _killed(cmd: str | list[str], output: str) -> Killed:
                               'what it ran for', 'cmd': cmd, 'out': output})
 
 
-def _kill_marked(markers: set[str]) -> None:
-    """SIGKILL the processes of the calls with these markers, with their whole sessions.
+def _kill_marked(markers: set[str], deadline: float) -> None:
+    """SIGKILL the processes of the calls with these markers, and wait until they are gone.
 
     ``ave.cmd`` starts each call as a child of this process and the leader of a new
     session; the child's command line carries its marker (as an argument to bwrap or
-    to the launcher). A pidfd pins the child while its command line is checked, so a
-    recycled pid is never signalled. Everything in its session goes too: outside a
-    sandbox that is all the command started short of what made a session of its own;
-    inside one, killing bwrap and the launcher ends the pid namespace anyway.
+    to the launcher). Everything in that session is killed: outside a sandbox, all the
+    command started short of what made a session of its own; inside one, bwrap and the
+    launcher too, and the launcher is the pid namespace's init, whose exit completes
+    only once every process in the namespace is gone. Processes are held by pidfds
+    while they are checked and signalled, so a recycled pid is never hit, and the
+    wait is on those pidfds: when this returns (before ``deadline``) nothing of these
+    calls is left.
     """
-    for child in psutil.Process().children():
-        try:
-            pidfd = os.pidfd_open(child.pid)
-        except ProcessLookupError:
-            continue
-        try:
-            if markers.isdisjoint(_command_line_of(child.pid)) or _has_exited(pidfd):
+    doomed: list[int] = []
+    try:
+        for child in psutil.Process().children():
+            pidfd = _pidfd(child.pid)
+            if pidfd is None:
                 continue
-            _kill_session(child.pid)
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # it ended meanwhile
-        finally:
+            if markers.isdisjoint(_command_line_of(child.pid)) or _has_exited(pidfd):
+                os.close(pidfd)
+                continue
+            doomed.append(pidfd)
+            doomed += _session_members(child.pid)
+        for pidfd in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        _wait_exited(doomed, deadline)
+    finally:
+        for pidfd in doomed:
             os.close(pidfd)
 
 
-def _kill_session(sid: int) -> None:
+def _session_members(sid: int) -> list[int]:
+    """pidfds of the processes in session ``sid`` other than its leader."""
+    members = []
     for pid in psutil.pids():
-        try:
-            pidfd = os.pidfd_open(pid)
-        except (ProcessLookupError, PermissionError):
+        if pid == sid:
+            continue
+        pidfd = _pidfd(pid)
+        if pidfd is None:
             continue
         try:
-            if pid != sid and os.getsid(pid) == sid:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+            if os.getsid(pid) == sid:
+                members.append(pidfd)
+                continue
+        except ProcessLookupError:
             pass
-        finally:
-            os.close(pidfd)
+        os.close(pidfd)
+    return members
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def _wait_exited(pidfds: list[int], deadline: float) -> None:
+    poller = select.poll()
+    for pidfd in pidfds:
+        poller.register(pidfd, select.POLLIN)
+    waiting = len(pidfds)
+    while waiting and (left := deadline - time.monotonic()) > 0:
+        for pidfd, _ in poller.poll(left * 1000):
+            poller.unregister(pidfd)
+            waiting -= 1
 
 
 def _command_line_of(pid: int) -> list[str]:
