@@ -19,9 +19,8 @@ import pytest
 
 import ave.cmd
 from ave.exceptions import RunError, Timeout
-from ave.sandbox import (MODES, Killed, Sandbox, SandboxUnavailable, current,
-                         enabled_for, install, mount_arguments, probe)
-from ave.sandbox import _View as View
+from ave.sandbox import (MODES, Killed, Layout, Sandbox, SandboxUnavailable, current,
+                         enabled_for, mount_arguments, probe)
 from sandboxes import installed, requires_bwrap
 from support import wait_until
 
@@ -420,9 +419,9 @@ def test_an_unknown_mode_is_refused():
 # --- the bwrap command line ---------------------------------------------------------
 
 def test_mounts_hide_then_open_workspaces_then_make_dev_and_proc():
-    args = mount_arguments(View(hidden=(('/h/.ave', True), ('/h/secret', False)),
-                                writable=('/h/.ave/ws/a',), devices=('/dev/ttyUSB0',),
-                                host_devices=False, resolv='/run/resolvconf/resolv.conf'))
+    args = mount_arguments(Layout(hidden=(('/h/.ave', True), ('/h/secret', False)),
+                                  writable=('/h/.ave/ws/a',), devices=('/dev/ttyUSB0',),
+                                  host_devices=False, resolv='/run/resolvconf/resolv.conf'))
     assert args == ['--ro-bind', '/', '/', '--tmpfs', '/tmp', '--tmpfs', '/run',
                     '--ro-bind-try', '/run/resolvconf/resolv.conf',
                     '/run/resolvconf/resolv.conf',
@@ -433,8 +432,8 @@ def test_mounts_hide_then_open_workspaces_then_make_dev_and_proc():
 
 
 def test_host_devices_keep_the_hosts_dev_and_run():
-    args = mount_arguments(View(hidden=(), writable=(), devices=('/dev/ttyUSB0',),
-                                host_devices=True, resolv=None))
+    args = mount_arguments(Layout(hidden=(), writable=(), devices=('/dev/ttyUSB0',),
+                                  host_devices=True, resolv=None))
     assert args == ['--ro-bind', '/', '/', '--tmpfs', '/tmp', '--dev-bind', '/dev', '/dev',
                     '--proc', '/proc']
 

@@ -215,7 +215,7 @@ class Workspace(Resource):
                              f'got {file_type!r}')
         with self._tree() as tree:
             try:
-                found = tree.lstat(path, follow=file_type != 'symlink')
+                found = tree.stat(path, follow=file_type != 'symlink')
             except OSError:  # a loop of links leads nowhere
                 return False
         if found is None:
@@ -305,7 +305,7 @@ class Workspace(Resource):
         full = self._canonical(path)
         _check_refspec(refspec)
         with self._tree() as tree:
-            if tree.lstat(os.path.join(full, '.git'), follow=False) is None:
+            if tree.stat(os.path.join(full, '.git'), follow=False) is None:
                 return False
         exit_code, _ = self._git(['-C', full, 'cat-file', '-e', f'{refspec}^{{commit}}'])
         return exit_code == 0

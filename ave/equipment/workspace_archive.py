@@ -64,7 +64,7 @@ class UnzipLimits:
 
 def pack(tree: Tree, path: str, dst: str | None) -> str:
     """Archive the file or directory ``path`` into ``dst``; see ``Workspace.zip``."""
-    found = tree.lstat(path)
+    found = tree.stat(path)
     if found is None:
         raise FileNotFoundError(f'no such file or directory: {path!r}')
     source, source_stat = found
@@ -134,7 +134,7 @@ def _is_link(name: str, dirfd: int) -> bool:
 def _check_member_file(tree: Tree, full: str, arcname: str) -> None:
     """A member to pack must be a regular file, or a link to one inside the workspace."""
     try:
-        found = tree.lstat(full)
+        found = tree.stat(full)
     except PathError:
         raise PathError({'message': f'cannot archive {arcname!r}: it links outside the '
                                     'workspace', 'path': arcname}) from None

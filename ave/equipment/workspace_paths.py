@@ -72,8 +72,9 @@ class Found:
     """Where a path led. Descriptors are ``O_PATH`` and belong to the walk that made them.
 
     ``fd`` is the object itself, None when the path does not exist; then ``parent`` is
-    the deepest directory that exists and ``missing`` the names below it, in order.
-    Otherwise ``parent`` holds the object under ``name`` (None for the top itself).
+    the deepest directory that exists and ``missing`` the names below it, in order
+    (``name`` is the first). Otherwise ``parent`` holds the object under ``name``
+    (None for the top itself).
     """
 
     path: str
@@ -160,7 +161,7 @@ class Tree:
     def _found(self, stack: list[tuple[int, str]], missing: list[str]) -> Found:
         path = os.path.join(self.top, *(name for _, name in stack[1:]), *missing)
         if missing:
-            return Found(path, None, stack[-1][0], missing[-1], missing)
+            return Found(path, None, stack[-1][0], missing[0], missing)
         parent = stack[-2][0] if len(stack) > 1 else None
         return Found(path, stack[-1][0], parent, stack[-1][1])
 
@@ -184,8 +185,8 @@ class Tree:
         with self.resolve(given, label) as found:
             return found.path
 
-    def lstat(self, given: str, label: str = 'path',
-              follow: bool = True) -> tuple[str, os.stat_result] | None:
+    def stat(self, given: str, label: str = 'path',
+             follow: bool = True) -> tuple[str, os.stat_result] | None:
         """``(canonical path, stat)`` of what ``given`` names, or None when nothing is there."""
         try:
             with self.resolve(given, label, follow) as found:

@@ -50,6 +50,9 @@ import psutil
 import ave.cmd
 from ave.exceptions import AveException, RunError, Timeout
 
+__all__ = ['MODES', 'Killed', 'Layout', 'Sandbox', 'SandboxUnavailable', 'current',
+           'enabled_for', 'install', 'mount_arguments', 'probe']
+
 _log = logging.getLogger(__name__)
 
 #: The values of broker.json ``"isolation"``.
@@ -279,7 +282,8 @@ class Sandbox:
                 raise RunError(cmd, err.out, str(err)) from None
             if call.cancelled:
                 raise _killed(cmd, output)
-            return _outcome(cmd, code, output, os.read(status_fd, 4096).decode('utf-8', 'replace'))
+            status = os.read(status_fd, 4096).decode('utf-8', 'replace')
+            return _outcome(cmd, code, output, status)
         finally:
             os.close(status_fd)
             os.unlink(status_path)
@@ -290,14 +294,15 @@ class Sandbox:
         if not self._enabled:
             return launcher
         with self._lock:
-            view = _View(hidden=tuple(_present(self._hidden)),
-                         writable=tuple(self._writable), devices=tuple(self._devices),
-                         host_devices=host_devices, resolv=_resolv_under_run())
-        return [self._bwrap, *mount_arguments(view), *_ISOLATION, '--', *launcher]
+            writable, devices = tuple(self._writable), tuple(self._devices)
+        layout = Layout(hidden=tuple(_present(self._hidden)), writable=writable,
+                        devices=devices, host_devices=host_devices,
+                        resolv=_resolv_under_run())
+        return [self._bwrap, *mount_arguments(layout), *_ISOLATION, '--', *launcher]
 
 
 @dataclass(frozen=True)
-class _View:
+class Layout:
     """What a command is to see, as plain data (existence already checked)."""
 
     hidden: tuple[tuple[str, bool], ...]  # (path, is a directory)
@@ -307,29 +312,29 @@ class _View:
     resolv: str | None  # where /etc/resolv.conf really is, when that is under /run
 
 
-def mount_arguments(view: _View) -> list[str]:
-    """bwrap's file system options for ``view``, in the order they must apply.
+def mount_arguments(layout: Layout) -> list[str]:
+    """bwrap's file system options for ``layout``, in the order they must apply.
 
     Later mounts land on top of earlier ones: the private /tmp and /run and the empty
     hidden directories first, then the workspaces (whose mount points bwrap creates
     inside those empty directories), then /dev and /proc.
     """
     args = ['--ro-bind', '/', '/', '--tmpfs', '/tmp']
-    if not view.host_devices:
+    if not layout.host_devices:
         args += ['--tmpfs', '/run']
-        if view.resolv is not None:  # name resolution keeps working
-            args += ['--ro-bind-try', view.resolv, view.resolv]
-    for path, is_directory in view.hidden:
+        if layout.resolv is not None:  # name resolution keeps working
+            args += ['--ro-bind-try', layout.resolv, layout.resolv]
+    for path, is_directory in layout.hidden:
         # A file becomes /dev/null (a device, hence --dev-bind: a plain bind of it is
         # mounted nodev and cannot even be read).
         args += ['--tmpfs', path] if is_directory else ['--dev-bind', '/dev/null', path]
-    for path in view.writable:
+    for path in layout.writable:
         args += ['--bind-try', path, path]
-    if view.host_devices:
+    if layout.host_devices:
         args += ['--dev-bind', '/dev', '/dev']
     else:
         args += ['--dev', '/dev']
-        for node in view.devices:
+        for node in layout.devices:
             args += ['--dev-bind-try', node, node]
     return args + ['--proc', '/proc']
 
@@ -505,6 +510,3 @@ def _one_line(text: str, limit: int = 300) -> str:
     line = ' '.join(text.split())
     return line if len(line) <= limit else line[:limit - 3] + '...'
 
-
-__all__ = ['MODES', 'Killed', 'Sandbox', 'SandboxUnavailable', 'current', 'enabled_for',
-           'install', 'probe']

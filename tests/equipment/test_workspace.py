@@ -731,7 +731,8 @@ def test_git_runs_repository_hooks_only_inside_the_sandbox(settings, origin_repo
             repo = workspace.make_git('checkout')
             hook = os.path.join(repo, '.git', 'hooks', 'post-checkout')
             write(workspace, hook, f'#!/bin/sh\nkill -0 {os.getpid()} 2>/dev/null '
-                                   '&& echo broker-visible > hook.txt || echo isolated > hook.txt\n')
+                                   '&& echo broker-visible > hook.txt '
+                                   '|| echo isolated > hook.txt\n')
             os.chmod(hook, 0o755)
             workspace.download_git(origin, 'HEAD', dst='checkout')
             assert workspace.cat('checkout/hook.txt') == 'isolated\n'
