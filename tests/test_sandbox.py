@@ -79,9 +79,10 @@ def processes_with(word):
     return found
 
 
-def unique_seconds():
-    """A sleep duration no other process on this machine is using: it names our sleeps."""
-    return f'{600 + uuid.uuid4().int % 1000}.{uuid.uuid4().int % 10 ** 6:06d}'
+def unique_seconds(whole=600):
+    """``whole`` seconds and a random fraction: a duration that names our sleeps among
+    every other process on this machine."""
+    return f'{whole}.{uuid.uuid4().int % 10 ** 9:09d}'
 
 
 def in_thread(function):
@@ -129,11 +130,33 @@ def test_the_own_workspace_is_writable_and_nothing_else(box, home):
 
 
 @requires_bwrap
+def test_workspaces_under_the_hidden_home_stay_reachable(tmp_path):
+    dot_ave = tmp_path / 'home' / '.ave'
+    (dot_ave / 'config').mkdir(parents=True)
+    (dot_ave / 'config' / 'authkeys.json').write_text(SECRET)
+    mine = dot_ave / 'workspaces' / 'mine'  # the default root is <home>/.ave/workspaces
+    mine.mkdir(parents=True)
+    sandbox = Sandbox(True, hidden=[str(dot_ave), str(dot_ave / 'workspaces')])
+    sandbox.allow_write(str(mine))
+    code, output = sandbox.run(sh('echo kept > kept.txt; ls -A ..; ls -A ../..'), cwd=str(mine))
+    assert (code, output) == (0, 'mine\r\nworkspaces\r\n'), output
+    assert (mine / 'kept.txt').read_text() == 'kept\n'
+
+
+@requires_bwrap
 def test_tmp_is_private(box, tmp_path):
     (tmp_path / 'host-file').write_text('host')
     assert box.run(['test', '-e', str(tmp_path / 'host-file')])[0] == 1
     box.run(sh('echo inside > /tmp/left-here'))
     assert box.run(['cat', '/tmp/left-here'])[0] == 1, 'each command gets a fresh /tmp'
+
+
+@requires_bwrap
+def test_memory_backed_file_systems_are_capped(home):
+    sandbox = Sandbox(True, hidden=[home['dot_ave']], tmp_bytes=2 * 1024 * 1024)
+    for directory in ('/tmp', '/run', home['dot_ave']):
+        code, output = sandbox.run(sh(f'head -c 3000000 /dev/zero > {directory}/fill'))
+        assert code != 0 and 'No space left' in output, (directory, output)
 
 
 @requires_bwrap
@@ -259,7 +282,7 @@ def test_commands_die_with_a_session_killed_by_sigkill(home, tmp_path):
 
 @pytest.mark.parametrize('any_box', MODE_IDS, indirect=True)
 def test_kill_from_another_thread_ends_a_long_command_within_a_second(any_box):
-    seconds = unique_seconds()
+    seconds = unique_seconds(3600)
     running = in_thread(lambda: any_box.run(['sleep', seconds]))
     assert wait_until(lambda: processes_with(seconds), 5), 'the command never started'
     started = time.monotonic()
@@ -421,11 +444,14 @@ def test_an_unknown_mode_is_refused():
 def test_mounts_hide_then_open_workspaces_then_make_dev_and_proc():
     args = mount_arguments(Layout(hidden=(('/h/.ave', True), ('/h/secret', False)),
                                   writable=('/h/.ave/ws/a',), devices=('/dev/ttyUSB0',),
-                                  host_devices=False, resolv='/run/resolvconf/resolv.conf'))
-    assert args == ['--ro-bind', '/', '/', '--tmpfs', '/tmp', '--tmpfs', '/run',
+                                  host_devices=False, resolv='/run/resolvconf/resolv.conf',
+                                  tmp_bytes=1000))
+    assert args == ['--ro-bind', '/', '/', '--size', '1000', '--tmpfs', '/tmp',
+                    '--size', '1048576', '--tmpfs', '/run',
                     '--ro-bind-try', '/run/resolvconf/resolv.conf',
                     '/run/resolvconf/resolv.conf',
-                    '--tmpfs', '/h/.ave', '--dev-bind', '/dev/null', '/h/secret',
+                    '--size', '1048576', '--tmpfs', '/h/.ave',
+                    '--dev-bind', '/dev/null', '/h/secret',
                     '--bind-try', '/h/.ave/ws/a', '/h/.ave/ws/a',
                     '--dev', '/dev', '--dev-bind-try', '/dev/ttyUSB0', '/dev/ttyUSB0',
                     '--proc', '/proc']
@@ -433,9 +459,9 @@ def test_mounts_hide_then_open_workspaces_then_make_dev_and_proc():
 
 def test_host_devices_keep_the_hosts_dev_and_run():
     args = mount_arguments(Layout(hidden=(), writable=(), devices=('/dev/ttyUSB0',),
-                                  host_devices=True, resolv=None))
-    assert args == ['--ro-bind', '/', '/', '--tmpfs', '/tmp', '--dev-bind', '/dev', '/dev',
-                    '--proc', '/proc']
+                                  host_devices=True, resolv=None, tmp_bytes=1000))
+    assert args == ['--ro-bind', '/', '/', '--size', '1000', '--tmpfs', '/tmp',
+                    '--dev-bind', '/dev', '/dev', '--proc', '/proc']
 
 
 @pytest.mark.parametrize('path', ['relative/path', '', None])

@@ -60,6 +60,14 @@ MODES = ('auto', 'required', 'off')
 
 BWRAP = 'bwrap'
 
+#: Size of each command's private /tmp. It is memory, not disk: without a cap one
+#: command could fill half the host's RAM. Big scratch files belong in a workspace.
+DEFAULT_TMP_BYTES = 256 * 1024 * 1024
+
+# Size of the other file systems made in memory (/run, hidden directories): they only
+# hold mount points, but a command can write into them.
+_SMALL_TMPFS = str(1024 * 1024)
+
 #: How long ``probe()`` lets its trial command take; it normally takes milliseconds.
 PROBE_TIMEOUT = 10.0
 
@@ -152,15 +160,18 @@ class Sandbox:
     """Runs commands isolated from the broker, other sessions and other jobs' files.
 
     ``enabled`` False runs them without isolation (same API and results). ``hidden``
-    are paths that must look empty inside; ``bwrap`` is the program to use.
+    are paths that must look empty inside; ``bwrap`` is the program to use;
+    ``tmp_bytes`` the size of each command's private /tmp.
     Thread-safe: commands run from several threads at once, and ``kill()`` may be
     called from any thread while others are inside ``run()``.
     """
 
-    def __init__(self, enabled: bool, hidden: Iterable[str] = (), bwrap: str = BWRAP) -> None:
+    def __init__(self, enabled: bool, hidden: Iterable[str] = (), bwrap: str = BWRAP,
+                 tmp_bytes: int = DEFAULT_TMP_BYTES) -> None:
         self._enabled = enabled
         self._hidden = tuple(_absolute(path, 'hidden path') for path in hidden)
         self._bwrap = bwrap
+        self._tmp_bytes = tmp_bytes
         self._writable: list[str] = []
         self._devices: list[str] = []
         self._calls: dict[str, _Call] = {}
@@ -297,7 +308,7 @@ class Sandbox:
             writable, devices = tuple(self._writable), tuple(self._devices)
         layout = Layout(hidden=tuple(_present(self._hidden)), writable=writable,
                         devices=devices, host_devices=host_devices,
-                        resolv=_resolv_under_run())
+                        resolv=_resolv_under_run(), tmp_bytes=self._tmp_bytes)
         return [self._bwrap, *mount_arguments(layout), *_ISOLATION, '--', *launcher]
 
 
@@ -310,6 +321,7 @@ class Layout:
     devices: tuple[str, ...]
     host_devices: bool
     resolv: str | None  # where /etc/resolv.conf really is, when that is under /run
+    tmp_bytes: int = DEFAULT_TMP_BYTES
 
 
 def mount_arguments(layout: Layout) -> list[str]:
@@ -319,15 +331,16 @@ def mount_arguments(layout: Layout) -> list[str]:
     hidden directories first, then the workspaces (whose mount points bwrap creates
     inside those empty directories), then /dev and /proc.
     """
-    args = ['--ro-bind', '/', '/', '--tmpfs', '/tmp']
+    args = ['--ro-bind', '/', '/', '--size', str(layout.tmp_bytes), '--tmpfs', '/tmp']
     if not layout.host_devices:
-        args += ['--tmpfs', '/run']
+        args += ['--size', _SMALL_TMPFS, '--tmpfs', '/run']
         if layout.resolv is not None:  # name resolution keeps working
             args += ['--ro-bind-try', layout.resolv, layout.resolv]
     for path, is_directory in layout.hidden:
         # A file becomes /dev/null (a device, hence --dev-bind: a plain bind of it is
         # mounted nodev and cannot even be read).
-        args += ['--tmpfs', path] if is_directory else ['--dev-bind', '/dev/null', path]
+        args += (['--size', _SMALL_TMPFS, '--tmpfs', path] if is_directory
+                 else ['--dev-bind', '/dev/null', path])
     for path in layout.writable:
         args += ['--bind-try', path, path]
     if layout.host_devices:
