@@ -14,6 +14,14 @@ board a lab owns usable without a driver in AVE::
 ``pretty`` and ``timeout`` (seconds a command may take, default 30) are optional.
 The relay's profile lists its circuit names, so a job can ask for a relay that has
 the circuit it needs.
+
+The commands come from the lab owner; a job only picks the circuit. They still run in
+the session's sandbox (``ave.sandbox``), so that a tool cannot leave a process behind
+or see the broker's files and other jobs' workspaces, but with the host's ``/dev``
+and ``/run`` (``host_devices``): relay boards are reached through device nodes (USB
+HID, serial, GPIO) that the lab owner's tools open by name, often found through udev.
+Everything else is read-only there, so a relay tool must not need to write files
+outside ``/tmp``, which is private to each command.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ import math
 import shlex
 from typing import Any
 
-from ave import cmd
+from ave import sandbox
 from ave.equipment import EquipmentType, Resource
 from ave.exceptions import AveException, RunError, Timeout
 from ave.profile import Profile
@@ -135,11 +143,15 @@ class Relay(Resource):
                              f'are: {", ".join(sorted(self._circuits))}')
 
     def _switch(self, name: str, closed: bool) -> None:
-        """Run the circuit's command; the state is 'unknown' unless it succeeds."""
+        """Run the circuit's command; the state is 'unknown' unless it succeeds.
+
+        Sandboxed with the host's devices: see the module's docstring.
+        """
         argv = self._circuits[name]['close' if closed else 'open']
         self._states[name] = 'unknown'
         try:
-            code, out = cmd.run(argv, timeout=self._timeout)
+            code, out = sandbox.current().run(argv, timeout=self._timeout, owner=self,
+                                              host_devices=True)
         except RunError as err:
             raise self._error(name, argv, f'cannot run {_quoted(argv)}: {err}') from err
         except Timeout as err:

@@ -7,15 +7,21 @@ a circuit was switched to into a file under tmp_path, so a test reads what the r
 import copy
 import json
 import os
+import threading
 import time
+import uuid
 from importlib.metadata import entry_points
 
+import psutil
 import pytest
 
 from ave.config import ConfigError, load_broker_config
 from ave.equipment import ENTRY_POINT_GROUP, EquipmentType, load_types
 from ave.equipment.relay import RELAY, Relay, RelayError, RelayProfile
 from ave.exceptions import details_of, exception_factory
+from ave.sandbox import Killed, Sandbox
+from sandboxes import installed, requires_bwrap
+from support import wait_until
 
 # Every test runs a handful of short commands; the hung-command case waits for a
 # half-second timeout. Ten seconds is generous for all of them.
@@ -378,3 +384,66 @@ def test_setup_after_a_clean_release_runs_no_commands(entry, states):
         'a relay released cleanly is at its defaults: nothing may be switched again'
     assert relay.get_circuits() == {'usb.pc.vcc': 'closed', 'battery': 'open',
                                     'reset': 'open'}
+
+
+# --- the sandbox ----------------------------------------------------------------------
+
+HOST_ONLY_DEVICES = ('/dev/fuse', '/dev/kmsg', '/dev/loop-control', '/dev/net/tun')
+
+
+@pytest.fixture
+def isolated(tmp_path, states):
+    """An enabled sandbox in which the state files' directory is writable."""
+    box = Sandbox(True)
+    box.allow_write(str(tmp_path))
+    with installed(box):
+        yield box
+
+
+@requires_bwrap
+def test_circuit_commands_run_sandboxed_with_the_hosts_devices(entry, states, isolated):
+    node = next((path for path in HOST_ONLY_DEVICES if os.path.exists(path)), None)
+    if node is None:
+        pytest.skip(f'none of {HOST_ONLY_DEVICES} exists on this host')
+    check = (f'test -c {node} && echo host-dev || echo private-dev; '
+             f'kill -0 {os.getpid()} 2>/dev/null && echo broker-visible || echo isolated')
+    entry['circuits']['battery']['close'] = ['sh', '-c', f'({check}) > "$0"',
+                                             str(states['battery'])]
+    make_relay(entry).set_circuit('battery', True)
+    assert state_of(states['battery']).split() == ['host-dev', 'isolated']
+
+
+@requires_bwrap
+def test_a_relay_tool_leaves_no_process_behind(entry, isolated):
+    seconds = f'{800 + uuid.uuid4().int % 100}.{uuid.uuid4().int % 10 ** 6}'
+    entry['circuits']['battery']['close'] = ['sh', '-c', f'setsid sleep {seconds} &']
+    make_relay(entry).set_circuit('battery', True)
+    assert not [proc for proc in psutil.process_iter(['cmdline'])
+                if proc.info['cmdline'] == ['sleep', seconds]]
+
+
+@pytest.mark.parametrize('enabled', [False, pytest.param(True, marks=requires_bwrap)],
+                         ids=['plain', 'sandboxed'])
+def test_a_killed_switch_raises_killed_and_teardown_still_resets(entry, states, tmp_path,
+                                                                 enabled):
+    started = tmp_path / 'started'
+    entry['circuits']['battery']['close'] = ['sh', '-c', 'touch "$0"; sleep 60', str(started)]
+    relay = make_relay(entry)
+    box = Sandbox(enabled)
+    box.allow_write(str(tmp_path))
+    outcome = {}
+
+    def switch():
+        try:
+            relay.set_circuit('battery', True)
+        except Exception as err:  # the test looks at what happened
+            outcome['error'] = err
+    with installed(box):
+        thread = threading.Thread(target=switch, daemon=True)
+        thread.start()
+        assert wait_until(started.exists, 5)
+        box.kill(relay)
+        thread.join(5)
+        relay._teardown()
+    assert isinstance(outcome.get('error'), Killed), outcome
+    assert state_of(states['battery']) == 'open', 'teardown after kill() must still reset'
