@@ -218,13 +218,27 @@ def test_an_allowed_device_node_appears_and_others_do_not(box):
 
 
 @requires_bwrap
-def test_host_devices_are_there_only_when_asked_for(box):
+def test_a_command_not_isolated_sees_the_host_as_it_is(box, tmp_path):
     node = next((path for path in HOST_ONLY_DEVICES if os.path.exists(path)), None)
     if node is None:
         pytest.skip(f'none of {HOST_ONLY_DEVICES} exists on this host')
-    assert box.run(['test', '-e', node], host_devices=True)[0] == 0
-    code, output = box.run(sh(f'kill -0 {os.getpid()}'), host_devices=True)
-    assert code != 0, 'host devices must not mean the host pid namespace'
+    assert box.run(['test', '-e', node])[0] == 1, f'{node} is there in the sandbox'
+    assert box.run(['test', '-e', node], isolate=False)[0] == 0
+    flag = tmp_path / 'flag'
+    assert box.run(['touch', str(flag)], isolate=False)[0] == 0 and flag.exists()
+
+
+@requires_bwrap
+def test_kill_ends_a_command_that_is_not_isolated(box):
+    seconds = unique_seconds(3600)
+    running = in_thread(lambda: box.run(['sleep', seconds], isolate=False))
+    assert wait_until(lambda: processes_with(seconds), 5), 'the command never started'
+    started = time.monotonic()
+    box.kill()
+    running['thread'].join(5)
+    assert time.monotonic() - started < 1 and isinstance(running.get('error'), Killed), \
+        running
+    assert not processes_with(seconds)
 
 
 @requires_bwrap
@@ -444,8 +458,7 @@ def test_an_unknown_mode_is_refused():
 def test_mounts_hide_then_open_workspaces_then_make_dev_and_proc():
     args = mount_arguments(Layout(hidden=(('/h/.ave', True), ('/h/secret', False)),
                                   writable=('/h/.ave/ws/a',), devices=('/dev/ttyUSB0',),
-                                  host_devices=False, resolv='/run/resolvconf/resolv.conf',
-                                  tmp_bytes=1000))
+                                  resolv='/run/resolvconf/resolv.conf', tmp_bytes=1000))
     assert args == ['--ro-bind', '/', '/', '--size', '1000', '--tmpfs', '/tmp',
                     '--size', '1048576', '--tmpfs', '/run',
                     '--ro-bind-try', '/run/resolvconf/resolv.conf',
@@ -455,13 +468,6 @@ def test_mounts_hide_then_open_workspaces_then_make_dev_and_proc():
                     '--bind-try', '/h/.ave/ws/a', '/h/.ave/ws/a',
                     '--dev', '/dev', '--dev-bind-try', '/dev/ttyUSB0', '/dev/ttyUSB0',
                     '--proc', '/proc']
-
-
-def test_host_devices_keep_the_hosts_dev_and_run():
-    args = mount_arguments(Layout(hidden=(), writable=(), devices=('/dev/ttyUSB0',),
-                                  host_devices=True, resolv=None, tmp_bytes=1000))
-    assert args == ['--ro-bind', '/', '/', '--size', '1000', '--tmpfs', '/tmp',
-                    '--dev-bind', '/dev', '/dev', '--proc', '/proc']
 
 
 @pytest.mark.parametrize('path', ['relative/path', '', None])
@@ -483,8 +489,9 @@ def test_no_status_files_are_left_behind(tmp_path, monkeypatch):
     assert os.listdir(temp) == []
 
 
+@requires_bwrap
 def test_a_signal_killing_the_sandbox_from_outside_is_reported_as_such():
-    sandbox, seconds = Sandbox(False), unique_seconds()
+    sandbox, seconds = Sandbox(True), unique_seconds()
     running = in_thread(lambda: sandbox.run(sh(f'echo ready; exec sleep {seconds}')))
     assert wait_until(lambda: processes_with(seconds), 5)
     for child in sandbox_children():

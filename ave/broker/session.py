@@ -19,6 +19,7 @@ import socket as socketlib
 import threading
 from typing import Any, Callable
 
+from ave import sandbox
 from ave.broker.exceptions import NotAllocated
 from ave.equipment import EquipmentType, Resource
 from ave.exceptions import AuthError, AveException, details_of
@@ -112,12 +113,15 @@ class Session(Control):
 
     def __init__(self, listener: socketlib.socket, authkey: str,
                  broker_socket: socketlib.socket, types: dict[str, EquipmentType],
-                 home: str | None = None, logging: bool = False) -> None:
+                 home: str | None = None, logging: bool = False,
+                 isolated: bool = False, hidden: tuple[str, ...] = ()) -> None:
         super().__init__(0, authkey=authkey, socket=listener, home=home,
                          proc_name='ave-broker-session', logging=logging)
         self.broker = Connection(('broker', 0), broker_socket)
         self.types = types
         self.hosted: dict[Key, Hosted] = {}
+        self.isolated = isolated
+        self.hidden = hidden
 
     def close_fds(self, exclude: list[int]) -> None:
         super().close_fds(exclude + [self.broker.fileno()])
@@ -128,6 +132,8 @@ class Session(Control):
         # must not die untidily but end through its broker link, tearing down first.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the broker's restart signal
+        # Commands of this client's jobs see its own equipment and nothing else.
+        sandbox.install(sandbox.Sandbox(self.isolated, self.hidden))
         self.add_connection(self.broker, self.authkey)
 
     # -- the broker's side -------------------------------------------------------------
@@ -165,7 +171,12 @@ class Session(Control):
 
     def stop_commands(self, hosted: Hosted | None = None) -> None:
         """Kill the commands running for one resource (None: for all of them), so a
-        call blocked in them returns and the resource can be torn down."""
+        call blocked in them returns and the resource can be torn down. This waits
+        (briefly) until they are gone: nothing of them outlives the teardown."""
+        if hosted is None:
+            sandbox.current().kill()
+        elif hosted.resource is not None:
+            sandbox.current().kill(hosted.resource)
 
     def _report_released(self, profile: dict, clean: bool) -> None:
         """Tell the broker an item is free, and whether its teardown succeeded."""

@@ -38,7 +38,8 @@ from typing import Any, cast
 
 from ave import sandbox
 from ave.cmd import run as run_command
-from ave.equipment import EquipmentType, Resource
+from ave.cmd.tail import shown
+from ave.equipment import REPLY_LIMIT, EquipmentType, Resource, fitted_to_reply
 from ave.equipment.udev import (attribute_of, check_declared, declared_names,
                                 declared_profile, property_of, usb_device_of, usb_ids,
                                 with_pretty)
@@ -66,7 +67,6 @@ POLL_INTERVAL = 0.5
 
 # States adb reports for a reachable handset that is not running Android proper.
 _NOT_BOOTED = ('recovery', 'rescue', 'sideload')
-_OUTPUT_SHOWN = 400
 
 
 class HandsetError(AveException):
@@ -208,8 +208,10 @@ class Handset(Resource):
             time.sleep(min(POLL_INTERVAL, remaining))
 
     def _runner(self) -> Runner:
-        """Runs commands in the session's sandbox on behalf of this handset."""
-        return functools.partial(sandbox.current().run, owner=self)
+        """Runs commands in the session's sandbox on behalf of this handset; their
+        output is cut to what one reply can carry."""
+        return functools.partial(sandbox.current().run, owner=self,
+                                 max_output=REPLY_LIMIT)
 
     def _adb(self, argv: list[str], timeout: float) -> str:
         """Run adb; its output with the local terminal's \\r\\n made plain newlines."""
@@ -222,7 +224,7 @@ class Handset(Resource):
                            f'not finish within {timeout:g} s and was killed',
                            'serial': self._serial, 'cmd': argv,
                            'out': _plain(err.out)}) from err
-        out = _plain(out)
+        out = fitted_to_reply(_plain(out))
         if code != 0:
             raise self._error(argv, f'exited with status {code}', out, code)
         return out
@@ -231,7 +233,7 @@ class Handset(Resource):
                exit_code: int | None = None) -> HandsetError:
         message = f'handset {self._serial!r}: {shlex.join(argv)} {problem}'
         if out.strip():
-            message += f' (output: {_tail(out)})'
+            message += f' (output: {shown(out)})'
         return HandsetError({'message': message, 'serial': self._serial, 'cmd': argv,
                              'exit_code': exit_code, 'out': out})
 
@@ -347,7 +349,4 @@ def _plain(out: str) -> str:
     return out.replace('\r\n', '\n')
 
 
-def _tail(out: str) -> str:
-    """The end of adb's output for a message: it prints its errors last."""
-    text = out.strip()
-    return repr(text if len(text) <= _OUTPUT_SHOWN else '...' + text[-_OUTPUT_SHOWN:])
+

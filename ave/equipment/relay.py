@@ -15,13 +15,13 @@ board a lab owns usable without a driver in AVE::
 The relay's profile lists its circuit names, so a job can ask for a relay that has
 the circuit it needs.
 
-The commands come from the lab owner; a job only picks the circuit. They still run in
-the session's sandbox (``ave.sandbox``), so that a tool cannot leave a process behind
-or see the broker's files and other jobs' workspaces, but with the host's ``/dev``
-and ``/run`` (``host_devices``): relay boards are reached through device nodes (USB
-HID, serial, GPIO) that the lab owner's tools open by name, often found through udev.
-Everything else is read-only there, so a relay tool must not need to write files
-outside ``/tmp``, which is private to each command.
+The commands come from the lab owner; a job only picks which configured command runs,
+never an argument of it. So they are not job code, and run outside the sandbox of
+job commands (``isolate=False``): relay tools reach their boards through the host's
+device nodes (USB HID, serial, GPIO, found through udev), may keep state files where
+their owner put them, and a switch must cost what the tool costs, not the few
+milliseconds a fresh set of namespaces does. They still belong to the session's
+sandbox for ``kill()``: a session ending stops a hung relay command at once.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ import shlex
 from typing import Any
 
 from ave import sandbox
+from ave.cmd.tail import shown
 from ave.equipment import EquipmentType, Resource
 from ave.exceptions import AveException, RunError, Timeout
 from ave.profile import Profile
@@ -47,7 +48,6 @@ DEFAULT_TIMEOUT = 30.0
 _ENTRY_KEYS = ('type', 'uid', 'circuits', 'pretty', 'timeout')
 _CIRCUIT_KEYS = ('open', 'close', 'default')
 _STATES = ('open', 'closed')
-_OUTPUT_SHOWN = 400
 
 
 class RelayError(AveException):
@@ -145,13 +145,13 @@ class Relay(Resource):
     def _switch(self, name: str, closed: bool) -> None:
         """Run the circuit's command; the state is 'unknown' unless it succeeds.
 
-        Sandboxed with the host's devices: see the module's docstring.
+        Not isolated, as the lab owner's command: see the module's docstring.
         """
         argv = self._circuits[name]['close' if closed else 'open']
         self._states[name] = 'unknown'
         try:
             code, out = sandbox.current().run(argv, timeout=self._timeout, owner=self,
-                                              host_devices=True)
+                                              isolate=False)
         except RunError as err:
             raise self._error(name, argv, f'cannot run {_quoted(argv)}: {err}') from err
         except Timeout as err:
@@ -167,7 +167,7 @@ class Relay(Resource):
                exit_code: int | None = None) -> RelayError:
         message = f'relay {self._uid!r} circuit {name!r}: {problem}'
         if out:
-            message += f' (output: {_tail(out)})'
+            message += f' (output: {shown(out)})'
         return RelayError({'message': message, 'uid': self._uid, 'circuit': name,
                            'cmd': list(argv), 'exit_code': exit_code, 'out': out})
 
@@ -211,12 +211,6 @@ def _quoted(argv: list[str]) -> str:
     return f'command "{shlex.join(argv)}"'
 
 
-def _tail(out: str) -> str:
-    """The end of a command's output for a message; errors are usually printed last."""
-    text = out.strip()
-    if len(text) > _OUTPUT_SHOWN:
-        text = '...' + text[-_OUTPUT_SHOWN:]
-    return json.dumps(text)
 
 
 # --- checking a broker.json entry ---------------------------------------------------

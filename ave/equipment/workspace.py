@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -37,12 +38,11 @@ from fnmatch import fnmatchcase
 from ave import sandbox
 from ave.config import (DEFAULT_UNZIP_MAX_BYTES, DEFAULT_UNZIP_MAX_ENTRIES,
                         load_workspace_config)
-from ave.equipment import EquipmentType, Resource
+from ave.equipment import REPLY_LIMIT, EquipmentType, Resource, fitted_to_reply
 from ave.equipment.workspace_archive import UnzipLimits, pack, unpack
 from ave.equipment.workspace_paths import (PathError, Tree, WorkspaceError, remove_tree,
                                            text as _text)
 from ave.exceptions import RunError
-from ave.network.framing import DEFAULT_LIMIT
 from ave.profile import Profile
 
 __all__ = ['REPLY_LIMIT', 'WORKSPACE', 'MissingTool', 'PathError', 'Workspace',
@@ -50,11 +50,6 @@ __all__ = ['REPLY_LIMIT', 'WORKSPACE', 'MissingTool', 'PathError', 'Workspace',
 
 _log = logging.getLogger(__name__)
 
-#: The most a reply may carry as encoded JSON text. A reply over the frame limit
-#: would be refused by the Control anyway, but only after the whole file had been
-#: read into memory; checking first turns a 10 GB ``cat`` into a quick, clear error.
-#: The margin leaves room for the reply's envelope.
-REPLY_LIMIT = DEFAULT_LIMIT - 64 * 1024
 
 #: What ``path_exists`` can be asked to check, by the file type bits it wants.
 _FILE_TYPES = {'file': stat.S_ISREG, 'directory': stat.S_ISDIR, 'symlink': stat.S_ISLNK}
@@ -62,6 +57,11 @@ _FILE_TYPES = {'file': stat.S_ISREG, 'directory': stat.S_ISDIR, 'symlink': stat.
 # Smallest time slice handed to a git step once an overall deadline has passed, so
 # that the step times out at once (a timeout of 0 would mean "no limit").
 _EXPIRED = 0.001
+
+# Workspaces made on demand are named with this many random bytes, as hex digits; a
+# start's sweep removes only directories named so.
+_UID_BYTES = 8
+_MADE_UP_UID = re.compile(f'[0-9a-f]{{{2 * _UID_BYTES}}}')
 
 # The only transports git may use for a job. Without this list a URL such as
 # "ext::sh -c ..." makes git run a command of the job's choosing.
@@ -251,13 +251,12 @@ class Workspace(Resource):
         stderr as the terminal showed them (lines end in CR LF), ``timeout`` 0 means
         none, and ``Timeout`` (with ``out``) or ``RunError`` report a command that
         hung or could not start. Processes the command leaves behind are killed when
-        it returns. Output too large for one reply raises WorkspaceError: redirect
-        it to a file.
+        it returns. Output larger than one reply can carry is cut to its end, after
+        one line saying how much was left out: redirect it to a file to keep it all.
         """
         exit_code, output = sandbox.current().run(cmd, timeout=timeout, cwd=self._path,
-                                                  owner=self)
-        _fit_reply(output, f'the output of {cmd!r} (exit code {exit_code})')
-        return exit_code, output
+                                                  owner=self, max_output=REPLY_LIMIT)
+        return exit_code, fitted_to_reply(output)
 
     def zip(self, path: str, dst: str | None = None) -> str:
         """Pack the file or directory ``path`` into a zip archive; return its path.
@@ -398,6 +397,7 @@ class WorkspaceType(EquipmentType):
     profile_class = WorkspaceProfile
     resource_class = Workspace
     on_demand = True
+    sweeps = True
 
     def load_settings(self, home: str) -> dict:
         """The checked content of ``<home>/.ave/config/workspace.json``."""
@@ -408,6 +408,20 @@ class WorkspaceType(EquipmentType):
         super().validate_entry(entry)
         _check_uid(entry['uid'])
 
+    def sweep(self, settings: dict, keep: set[str]) -> None:
+        """Delete the workspace directories a crash left in the root, but those in
+        ``keep``. Only names this type makes up (sixteen hex digits) are touched: the
+        root is the lab owner's choice, and might hold other things too."""
+        root = os.path.realpath(settings['root'])
+        try:
+            names = os.listdir(root)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if _MADE_UP_UID.fullmatch(name) and name not in keep:
+                if remove_tree(os.path.join(root, name)):
+                    _log.info('removed workspace %s: no session owns it', name)
+
     def create(self, settings: dict) -> WorkspaceProfile:
         """A profile for a brand-new workspace; the directory comes later, in the session.
 
@@ -415,7 +429,7 @@ class WorkspaceType(EquipmentType):
         digits make a clash with a live workspace practically impossible, and
         ``_setup`` refuses an existing directory should one happen anyway.
         """
-        values = {'type': self.name, 'uid': secrets.token_hex(8)}
+        values = {'type': self.name, 'uid': secrets.token_hex(_UID_BYTES)}
         if settings.get('pretty') is not None:
             values['pretty'] = settings['pretty']
         return WorkspaceProfile(values)
@@ -506,3 +520,4 @@ def _fit_reply(text: str, what: str) -> None:
     if size > REPLY_LIMIT:
         raise WorkspaceError(f'{what} takes {size} bytes as JSON, more than one reply '
                              f'can carry ({REPLY_LIMIT} bytes)')
+

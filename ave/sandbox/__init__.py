@@ -24,9 +24,11 @@ rest of a namespace when its init exits. ``kill()`` ends commands at once from a
 thread, for a session whose client has gone.
 
 A disabled sandbox (``"isolation": "off"``, or ``auto`` where the kernel refuses
-namespaces) runs the same launcher without bwrap: same results, same ``kill()``, no
-isolation. With nothing installed, ``current()`` is a disabled sandbox, which is what
-resources get in unit tests.
+namespaces) runs commands plainly with ``ave.cmd.run``: same results, same
+``kill()``, no isolation and no cost. So do commands the lab owner configured
+(``isolate=False``: relay tools), which need the host as it is. With nothing
+installed, ``current()`` is a disabled sandbox, which is what resources get in unit
+tests.
 """
 from __future__ import annotations
 
@@ -147,13 +149,23 @@ def enabled_for(mode: str, problem: str | None) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class _Output:
+    """Where a command's output goes besides its result, and how much is kept."""
+
+    file: TextIO | None
+    limit: int | None
+
+
 @dataclass
 class _Call:
-    """One command in progress: who it runs for, and how kill() finds and flags it."""
+    """One command in progress: who it runs for, and how kill() finds and flags it
+    (a sandboxed one by the marker on its command line, a plain one by its pid)."""
 
     owner: object
     marker: str
     cancelled: bool = False
+    pid: int | None = None
 
 
 class Sandbox:
@@ -215,7 +227,7 @@ class Sandbox:
 
     def run(self, cmd: str | list[str], timeout: float = 0, cwd: str | os.PathLike = '',
             output_file: TextIO | None = None, *, owner: object = None,
-            host_devices: bool = False) -> tuple[int, str]:
+            isolate: bool = True, max_output: int | None = None) -> tuple[int, str]:
         """Run ``cmd`` like ``ave.cmd.run`` does, inside the sandbox when enabled.
 
         Same arguments and results: ``(exit_code, output)`` with minus the signal
@@ -226,15 +238,19 @@ class Sandbox:
         session's directory when it is visible inside.
 
         ``owner`` (any object, compared by identity) lets ``kill(owner)`` end this
-        command alone; a command it kills raises ``Killed``. ``host_devices`` gives
-        the command the host's ``/dev`` and ``/run`` instead of private ones: only for
-        commands the lab owner configured (relay tools), never for job-chosen ones.
+        command alone; a command it kills raises ``Killed``. ``isolate`` False runs
+        the command plainly even in an enabled sandbox: only for commands the lab
+        owner configured (relay tools, which need the host's devices and files),
+        never for job-chosen ones. ``max_output`` keeps only the end of the output,
+        as ``ave.cmd.run`` does.
         """
         argv = _argv(cmd)
         call = self._register(owner)
+        limits = _Output(output_file, max_output)
         try:
-            return self._run(call, cmd, argv, timeout, os.fspath(cwd), output_file,
-                             host_devices)
+            if self._enabled and isolate:
+                return self._run(call, cmd, argv, timeout, os.fspath(cwd), limits)
+            return self._run_plain(call, cmd, argv, timeout, os.fspath(cwd), limits)
         finally:
             with self._lock:
                 del self._calls[call.marker]
@@ -263,6 +279,7 @@ class Sandbox:
                 _log.warning('%d killed command(s) did not end within %g s',
                              len(alive), KILL_WAIT)
                 return
+            self._kill_plain(alive)
             _kill_marked(alive, deadline)
             with self._lock:
                 self._ended.wait(_KILL_POLL)
@@ -275,16 +292,45 @@ class Sandbox:
             self._calls[call.marker] = call
         return call
 
+    def _run_plain(self, call: _Call, cmd: str | list[str], argv: list[str],
+                   timeout: float, cwd: str, output: _Output) -> tuple[int, str]:
+        """Run a command without isolation; kill() ends its process group."""
+        def started(pid: int) -> None:
+            with self._lock:
+                call.pid = pid
+                if call.cancelled:
+                    _kill_group(pid)
+        if call.cancelled:
+            raise _killed(cmd, '')
+        try:
+            code, text = ave.cmd.run(argv, timeout=timeout, cwd=cwd,
+                                     output_file=output.file, max_output=output.limit,
+                                     started=started)
+        except Timeout as err:
+            raise _killed(cmd, err.out) if call.cancelled else err from None
+        if call.cancelled:
+            raise _killed(cmd, text)
+        return code, text
+
+    def _kill_plain(self, markers: set[str]) -> None:
+        """SIGKILL the process groups of plain commands among these calls."""
+        with self._lock:
+            for marker in markers:
+                call = self._calls.get(marker)
+                if call is not None and call.pid is not None:
+                    _kill_group(call.pid)
+
     def _run(self, call: _Call, cmd: str | list[str], argv: list[str], timeout: float,
-             cwd: str, output_file: TextIO | None, host_devices: bool) -> tuple[int, str]:
+             cwd: str, output: _Output) -> tuple[int, str]:
         status_fd, status_path = tempfile.mkstemp(prefix='ave-sandbox-status-')
         try:
             wrapped = [*_STATUS_SHELL, status_path,
-                       *self._command_line(call.marker, argv, cwd, host_devices)]
+                       *self._command_line(call.marker, argv, cwd)]
             if call.cancelled:
                 raise _killed(cmd, '')
             try:
-                code, output = ave.cmd.run(wrapped, timeout=timeout, output_file=output_file)
+                code, text = ave.cmd.run(wrapped, timeout=timeout, output_file=output.file,
+                                         max_output=output.limit)
             except Timeout as err:
                 if call.cancelled:
                     raise _killed(cmd, err.out) from None
@@ -292,23 +338,20 @@ class Sandbox:
             except RunError as err:
                 raise RunError(cmd, err.out, str(err)) from None
             if call.cancelled:
-                raise _killed(cmd, output)
+                raise _killed(cmd, text)
             status = os.read(status_fd, 4096).decode('utf-8', 'replace')
-            return _outcome(cmd, code, output, status)
+            return _outcome(cmd, code, text, status)
         finally:
             os.close(status_fd)
             os.unlink(status_path)
 
-    def _command_line(self, marker: str, argv: list[str], cwd: str,
-                      host_devices: bool) -> list[str]:
+    def _command_line(self, marker: str, argv: list[str], cwd: str) -> list[str]:
         launcher = [_PYTHON, '-I', '-S', '-c', _launcher_source(), marker, cwd, *argv]
-        if not self._enabled:
-            return launcher
         with self._lock:
             writable, devices = tuple(self._writable), tuple(self._devices)
         layout = Layout(hidden=tuple(_present(self._hidden)), writable=writable,
-                        devices=devices, host_devices=host_devices,
-                        resolv=_resolv_under_run(), tmp_bytes=self._tmp_bytes)
+                        devices=devices, resolv=_resolv_under_run(),
+                        tmp_bytes=self._tmp_bytes)
         return [self._bwrap, *mount_arguments(layout), *_ISOLATION, '--', *launcher]
 
 
@@ -319,7 +362,6 @@ class Layout:
     hidden: tuple[tuple[str, bool], ...]  # (path, is a directory)
     writable: tuple[str, ...]
     devices: tuple[str, ...]
-    host_devices: bool
     resolv: str | None  # where /etc/resolv.conf really is, when that is under /run
     tmp_bytes: int = DEFAULT_TMP_BYTES
 
@@ -331,11 +373,10 @@ def mount_arguments(layout: Layout) -> list[str]:
     hidden directories first, then the workspaces (whose mount points bwrap creates
     inside those empty directories), then /dev and /proc.
     """
-    args = ['--ro-bind', '/', '/', '--size', str(layout.tmp_bytes), '--tmpfs', '/tmp']
-    if not layout.host_devices:
-        args += ['--size', _SMALL_TMPFS, '--tmpfs', '/run']
-        if layout.resolv is not None:  # name resolution keeps working
-            args += ['--ro-bind-try', layout.resolv, layout.resolv]
+    args = ['--ro-bind', '/', '/', '--size', str(layout.tmp_bytes), '--tmpfs', '/tmp',
+            '--size', _SMALL_TMPFS, '--tmpfs', '/run']
+    if layout.resolv is not None:  # name resolution keeps working
+        args += ['--ro-bind-try', layout.resolv, layout.resolv]
     for path, is_directory in layout.hidden:
         # A file becomes /dev/null (a device, hence --dev-bind: a plain bind of it is
         # mounted nodev and cannot even be read).
@@ -343,12 +384,9 @@ def mount_arguments(layout: Layout) -> list[str]:
                  else ['--dev-bind', '/dev/null', path])
     for path in layout.writable:
         args += ['--bind-try', path, path]
-    if layout.host_devices:
-        args += ['--dev-bind', '/dev', '/dev']
-    else:
-        args += ['--dev', '/dev']
-        for node in layout.devices:
-            args += ['--dev-bind-try', node, node]
+    args += ['--dev', '/dev']
+    for node in layout.devices:
+        args += ['--dev-bind-try', node, node]
     return args + ['--proc', '/proc']
 
 
@@ -430,6 +468,12 @@ def _kill_marked(markers: set[str], deadline: float) -> None:
     finally:
         for pidfd in doomed:
             os.close(pidfd)
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL a plain command's process group (``ave.cmd`` makes it lead one)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def _session_members(sid: int) -> list[int]:

@@ -9,10 +9,8 @@ import json
 import os
 import threading
 import time
-import uuid
 from importlib.metadata import entry_points
 
-import psutil
 import pytest
 
 from ave.config import ConfigError, load_broker_config
@@ -401,25 +399,17 @@ def isolated(tmp_path, states):
 
 
 @requires_bwrap
-def test_circuit_commands_run_sandboxed_with_the_hosts_devices(entry, states, isolated):
+def test_circuit_commands_run_as_configured_even_when_jobs_are_isolated(entry, states,
+                                                                        isolated):
     node = next((path for path in HOST_ONLY_DEVICES if os.path.exists(path)), None)
     if node is None:
         pytest.skip(f'none of {HOST_ONLY_DEVICES} exists on this host')
-    check = (f'test -c {node} && echo host-dev || echo private-dev; '
-             f'kill -0 {os.getpid()} 2>/dev/null && echo broker-visible || echo isolated')
+    check = f'test -c {node} && echo host-dev || echo private-dev'
     entry['circuits']['battery']['close'] = ['sh', '-c', f'({check}) > "$0"',
                                              str(states['battery'])]
     make_relay(entry).set_circuit('battery', True)
-    assert state_of(states['battery']).split() == ['host-dev', 'isolated']
-
-
-@requires_bwrap
-def test_a_relay_tool_leaves_no_process_behind(entry, isolated):
-    seconds = f'{800 + uuid.uuid4().int % 100}.{uuid.uuid4().int % 10 ** 6}'
-    entry['circuits']['battery']['close'] = ['sh', '-c', f'setsid sleep {seconds} &']
-    make_relay(entry).set_circuit('battery', True)
-    assert not [proc for proc in psutil.process_iter(['cmdline'])
-                if proc.info['cmdline'] == ['sleep', seconds]]
+    assert state_of(states['battery']).split() == ['host-dev'], \
+        "the lab owner's relay tool did not see the host's devices"
 
 
 @pytest.mark.parametrize('enabled', [False, pytest.param(True, marks=requires_bwrap)],

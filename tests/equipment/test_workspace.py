@@ -5,6 +5,7 @@ a profile and settings, ``_setup()``, call methods, ``_teardown()``. Every works
 root lives under the test's tmp_path; git runs only against local repositories.
 """
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -395,9 +396,20 @@ def test_run_of_a_missing_program_is_a_run_error(ws):
 
 
 @pytest.mark.timeout(90)
-def test_run_refuses_output_too_large_for_a_reply(ws):
-    with pytest.raises(WorkspaceError, match='exit code 0'):
-        ws.run(['head', '-c', str(REPLY_LIMIT + 1), '/dev/zero'])
+def test_run_keeps_the_end_of_output_too_large_for_a_reply(ws):
+    extra = 1024 * 1024
+    code, output = ws.run(['sh', '-c', f'head -c {REPLY_LIMIT + extra} /dev/zero | '
+                                       f'tr "\\0" x; echo THE-END'])
+    assert code == 0 and output.rstrip().endswith('THE-END'), 'the end of the output is lost'
+    assert output.startswith('[ave.cmd: ') and 'characters of output cut' in output, \
+        f'the cut is not announced: {output[:100]!r}'
+    assert len(json.dumps(output)) <= REPLY_LIMIT
+
+
+@pytest.mark.timeout(90)
+def test_run_output_json_escapes_heavily_is_cut_until_it_fits(ws):
+    code, output = ws.run(['sh', '-c', f'head -c {REPLY_LIMIT // 2} /dev/zero | tr "\\0" "\\001"'])
+    assert code == 0 and len(json.dumps(output)) <= REPLY_LIMIT, 'the reply does not fit'
 
 
 # --- zip and unzip -----------------------------------------------------------------------
