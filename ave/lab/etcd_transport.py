@@ -225,12 +225,18 @@ def unary_message(head: httpwire.Head, body: bytes, stream_reply: bool) -> dict[
     """The result of a whole response, or the error it carries raised."""
     if stream_reply and head.status == 200:
         body = body.split(b'\n', 1)[0]
-    message = parse_json(body) if body.strip() else None
+    try:
+        message = parse_json(body) if body.strip() else None
+    except BadResponse:
+        if head.status == 200:
+            raise
+        message = None
     refused = error_of(message)
     if refused is not None:
         raise refused
     if head.status != 200:
-        raise BadResponse(f'HTTP {head.status} {clip(head.reason, 40)} without an etcd error')
+        raise BadResponse(f'HTTP {head.status} {clip(head.reason, 40)} without an etcd '
+                          f'error: {clip(repr(body[:80]))}')
     if stream_reply:
         message = message.get('result') if isinstance(message, dict) else None
     if not isinstance(message, dict):

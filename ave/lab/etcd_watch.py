@@ -29,9 +29,10 @@ from typing import Any, Iterator
 from ave.lab import httpwire
 from ave.lab.etcd_errors import BadResponse, Compacted, EtcdError, clip
 from ave.lab.etcd_messages import (MessageError, WatchEvent, WatchMessage, b64,
-                                   decode_status, decode_watch, prefix_end)
-from ave.lab.etcd_transport import (HEADERS, Connection, Endpoint, Lost, Transport,
-                                    encode_json, error_of, parse_json, unary_message)
+                                   decode_watch, prefix_end)
+from ave.lab.etcd_transport import (HEADERS, Connection, Endpoint, Lost, ServerRefused,
+                                    Transport, Unreachable, encode_json, error_of,
+                                    parse_json, unary_message)
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +104,9 @@ class _Stream:
             raise BadResponse(str(error)) from None
 
     def _receive(self, deadline: float, wake_fd: int | None) -> bool:
-        """Feed what arrives before the deadline; False on timeout or wake-up."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
+        """Feed what arrives before the deadline (what has arrived already, when it has
+        passed); False on timeout or wake-up."""
+        remaining = max(0.0, deadline - time.monotonic())
         poller = select.poll()
         poller.register(self.connection.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
         if wake_fd is not None:
@@ -114,7 +114,7 @@ class _Stream:
         ready = dict(poller.poll(remaining * 1000))
         if not ready or (wake_fd is not None and wake_fd in ready):
             return False
-        data = self.connection.receive(deadline)
+        data = self.connection.receive(time.monotonic() + 1.0)  # readable: will not wait
         if data:
             self.parser.feed(data)
         else:
@@ -210,6 +210,7 @@ class Watch:
             if self._stream is None:
                 self._connect(from_now=False)
             stream = self._stream
+            assert stream is not None
             try:
                 line = stream.next_line(
                     min(deadline, self._last_heard + self.idle_check), self._wake_read)
@@ -330,11 +331,12 @@ class Watch:
         """Keep the stream if its member still answers and has a leader; else drop it."""
         assert self._stream is not None
         endpoint = self._stream.endpoint
+        request = httpwire.encode_request('POST', '/v3/maintenance/status',
+                                          endpoint.authority, b'{}', HEADERS)
         try:
-            self._transport.call('watch check', '/v3/maintenance/status', {}, write=False,
-                                 decode=lambda e, message: decode_status(e.url, message),
-                                 only=endpoint)
-        except EtcdError as error:
+            self._transport.request(endpoint, request,
+                                    time.monotonic() + self._transport.timeout)
+        except (Unreachable, Lost, ServerRefused, EtcdError) as error:
             self._drop(f'member check failed: {error}')
         else:
             self._last_heard = time.monotonic()

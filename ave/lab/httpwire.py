@@ -186,6 +186,8 @@ class ResponseParser:
                 return False
             self._head_bytes += len(line) + 2
             if line:
+                if not self._head_lines and not _STATUS_LINE.fullmatch(line):
+                    raise ResponseError(f'not an HTTP/1.x status line: {line[:60]!r}')
                 if len(self._head_lines) > MAX_HEADERS:
                     raise ResponseError(f'more than {MAX_HEADERS} header lines')
                 self._head_lines.append(line)

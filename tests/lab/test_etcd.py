@@ -347,3 +347,16 @@ def test_status_names_the_leader(etcd, etcd_node):
     status = etcd.status()
     assert status.is_leader and status.endpoint == etcd_node.endpoint
     assert status.version.startswith('3.')
+
+
+@pytest.mark.parametrize('endpoints', [
+    'http://127.0.0.1:2379', [], ['https://127.0.0.1:2379'], ['127.0.0.1:2379'],
+    ['http://127.0.0.1:2379/v3'], ['http://127.0.0.1:99999']])
+def test_bad_endpoint_lists_are_refused_at_once(endpoints):
+    with pytest.raises(ValueError):
+        Etcd(endpoints)
+
+
+def test_ipv6_endpoint_is_understood():
+    client = Etcd(['http://[::1]:2379'])
+    assert client.endpoints == ['http://[::1]:2379']
