@@ -2,10 +2,12 @@
 next endpoint tried when that is safe.
 
 One call has one deadline (``timeout`` seconds from its start). Within it the endpoints
-are tried in turn, starting with the one that answered last; each try gets an equal
+are tried in turn, starting with the one that answered last. A read's try gets an equal
 share of what is left, so one paused member (it accepts connections, it never answers)
-cannot take the whole budget from the others. When every endpoint failed, the round is
-repeated after a short pause (an election takes a moment) until the deadline.
+cannot take the whole budget from the others; a write's try gets all of it, because a
+write that was sent cannot move on anyway, and a member that is merely slow (a disk
+stall) should get to answer it. When every endpoint failed, the round is repeated after
+a short pause (an election takes a moment) until the deadline.
 
 Whether a failure may be retried depends on what reached the server:
 
@@ -293,7 +295,7 @@ class Transport:
                 now = time.monotonic()
                 if now >= deadline:
                     break
-                share = deadline if index == len(order) - 1 else (
+                share = deadline if write or index == len(order) - 1 else (
                     now + (deadline - now) / (len(order) - index))
                 try:
                     result = attempt(endpoint, share)
@@ -313,7 +315,7 @@ class Transport:
                 else:
                     self._prefer(endpoint)
                     return result
-                self._avoid(endpoint)
+                self.avoid(endpoint)
                 log.debug('etcd %s: %s', operation, last)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -349,7 +351,8 @@ class Transport:
         if endpoint in self.endpoints:
             self._preferred = self.endpoints.index(endpoint)
 
-    def _avoid(self, endpoint: Endpoint) -> None:
+    def avoid(self, endpoint: Endpoint) -> None:
+        """Start the next call elsewhere, if ``endpoint`` is where it would start."""
         if self.endpoints[self._preferred % len(self.endpoints)] == endpoint:
             self._preferred += 1
 

@@ -36,6 +36,8 @@ from ave.lab.etcd_transport import (HEADERS, Connection, Endpoint, Lost, ServerR
 
 log = logging.getLogger(__name__)
 
+MIN_STREAM_INTERVAL = 0.1
+
 
 class _Stream:
     """One open watch response: its connection and the parsers over its bytes."""
@@ -135,7 +137,7 @@ class Watch:
         self.revision = 0 if start_revision is None else start_revision - 1
         self._transport = transport
         self._stream: _Stream | None = None
-        self._last_heard = time.monotonic()
+        self._last_heard = self._connected_at = time.monotonic()
         self._failure: Compacted | None = None
         self._closed = False
         self._reader = threading.Lock()          # held by the one thread reading
@@ -208,6 +210,8 @@ class Watch:
             if self._failure is not None:
                 raise self._failure
             if self._stream is None:
+                if not self._pause_before_reconnecting(deadline):
+                    return []
                 self._connect(from_now=False)
             stream = self._stream
             assert stream is not None
@@ -277,6 +281,20 @@ class Watch:
 
     # -- the stream's life ---------------------------------------------------------------
 
+    def _pause_before_reconnecting(self, deadline: float) -> bool:
+        """Keep a server that ends every stream at once from making us spin: streams
+        start at most every ``MIN_STREAM_INTERVAL`` seconds. False when the read's
+        deadline comes first, or the watch is closed meanwhile."""
+        wait = self._connected_at + MIN_STREAM_INTERVAL - time.monotonic()
+        if wait <= 0:
+            return True
+        if time.monotonic() + wait > deadline:
+            return False
+        poller = select.poll()
+        poller.register(self._wake_read, select.POLLIN)
+        poller.poll(wait * 1000)
+        return not self._closed
+
     def _connect(self, from_now: bool) -> None:
         """Open a stream from ``revision + 1`` (or from now) on the first member that
         answers; raises ``EtcdUnavailable`` when none does within the client timeout."""
@@ -301,7 +319,7 @@ class Watch:
         if from_now:
             self.revision = created.revision
         self._stream = stream
-        self._last_heard = time.monotonic()
+        self._last_heard = self._connected_at = time.monotonic()
 
     def _open_stream(self, connection: Connection, request: bytes,
                      deadline: float) -> tuple[_Stream, WatchMessage]:
@@ -342,12 +360,14 @@ class Watch:
             self._last_heard = time.monotonic()
 
     def _drop(self, reason: str) -> None:
+        """Leave a stream that failed; the next read resumes elsewhere if it can."""
         if self._stream is not None:
+            endpoint = self._stream.endpoint
             log.info('watch %s: leaving %s (%s); will resume from revision %d',
-                     show(self.prefix), self._stream.endpoint.url, reason,
-                     self.revision + 1)
+                     show(self.prefix), endpoint.url, reason, self.revision + 1)
             self._stream.connection.close()
             self._stream = None
+            self._transport.avoid(endpoint)
 
     def _release_if_idle(self) -> None:
         """Free the stream and the pipe unless a reader is in the middle of a read
@@ -359,13 +379,14 @@ class Watch:
                 self._reader.release()
 
     def _release(self) -> None:
-        self._drop('closed')
+        if self._stream is not None:
+            self._stream.connection.close()
+            self._stream = None
         with self._pipe_lock:
             for fd in (self._wake_read, self._wake_write):
                 if fd >= 0:
                     os.close(fd)
             self._wake_read = self._wake_write = -1
-
 
 
 def show(prefix: bytes) -> str:

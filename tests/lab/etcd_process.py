@@ -10,6 +10,8 @@ with the test process (``PR_SET_PDEATHSIG``) even when pytest itself is killed.
 Election timing is tuned for tests, not for a lab: a heartbeat of 50 ms and an election
 timeout of 500 ms make a lost leader replaced within about a second. A real lab keeps
 etcd's defaults (100 ms / 1000 ms) or raises both with the network's round-trip time.
+``--pre-vote`` (etcd 3.5's default, off in 3.4) keeps a member that was paused or cut
+off from deposing a healthy leader when it comes back; a lab wants it too.
 """
 from __future__ import annotations
 
@@ -90,7 +92,7 @@ class EtcdNode:
             '--initial-cluster', self.initial_cluster,
             '--initial-cluster-token', self.token, '--initial-cluster-state', 'new',
             '--heartbeat-interval', str(HEARTBEAT_MS),
-            '--election-timeout', str(ELECTION_MS),
+            '--election-timeout', str(ELECTION_MS), '--pre-vote',
             '--logger', 'zap', '--log-outputs', 'stderr']
         with open(self.log_path, 'ab') as log:
             log.write(f'--- start {time.strftime("%H:%M:%S")}: {" ".join(command)}\n'.encode())
@@ -135,15 +137,39 @@ class EtcdNode:
         return isinstance(header, dict) and header.get('member_id') == status['leader']
 
     def pause(self) -> None:
-        """SIGSTOP: the member keeps its sockets and answers nothing."""
+        """SIGSTOP: the member keeps its sockets and answers nothing. Returns once every
+        thread has stopped (a signal is delivered, not obeyed, when kill() returns)."""
         assert self.process is not None
         self.process.send_signal(signal.SIGSTOP)
+        self._wait_threads(stopped=True)
         self.paused = True
 
     def resume(self) -> None:
+        """SIGCONT; returns once every thread runs again."""
         assert self.process is not None
         self.process.send_signal(signal.SIGCONT)
+        self._wait_threads(stopped=False)
         self.paused = False
+
+    def _wait_threads(self, stopped: bool, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(state == 'T' for state in self._thread_states()) == stopped:
+                return
+            time.sleep(0.005)
+        raise RuntimeError(f'{self.name}: threads not {"stopped" if stopped else "running"} '
+                           f'within {timeout:g} s')
+
+    def _thread_states(self) -> list[str]:
+        """The scheduler state letter of each thread (T: stopped)."""
+        states = []
+        for task in Path(f'/proc/{self.pid}/task').iterdir():
+            try:
+                stat = (task / 'stat').read_text()
+            except OSError:
+                continue  # the thread ended meanwhile
+            states.append(stat.rsplit(')', 1)[1].split()[0])
+        return states
 
     def kill(self) -> None:
         """SIGKILL, as a crash or a pulled plug would end it; reaped at once."""

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from ave.lab.etcd import Etcd, EtcdError, EtcdUnavailable
+from ave.lab.etcd import Etcd, EtcdError, EtcdUnavailable, OutcomeUnknown
 
 from etcd_process import free_port
 
@@ -127,9 +127,12 @@ def test_member_without_quorum_refuses_within_the_timeout_and_recovers(etcd_clus
         time.sleep(1.0)   # the survivor notices after an election timeout (0.5 s)
         for call in (lambda: etcd.get('lab/a'), lambda: etcd.put('lab/a', '2')):
             started = time.monotonic()
-            with pytest.raises(EtcdUnavailable, match=survivor.endpoint):
+            with pytest.raises(EtcdUnavailable, match=survivor.endpoint) as caught:
                 call()
             assert time.monotonic() - started < TIMEOUT + SLACK
+            assert 'no leader' in str(caught.value), 'asked to refuse without a leader'
+            assert not isinstance(caught.value, OutcomeUnknown), \
+                'a refusal before raft leaves no doubt about a write
         for node in others:
             node.start()
         took = first_success(lambda: etcd.put('lab/a', '3'), within=20)
