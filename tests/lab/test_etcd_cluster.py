@@ -132,7 +132,7 @@ def test_member_without_quorum_refuses_within_the_timeout_and_recovers(etcd_clus
             assert time.monotonic() - started < TIMEOUT + SLACK
             assert 'no leader' in str(caught.value), 'asked to refuse without a leader'
             assert not isinstance(caught.value, OutcomeUnknown), \
-                'a refusal before raft leaves no doubt about a write
+                'a refusal before raft leaves no doubt about a write'
         for node in others:
             node.start()
         took = first_success(lambda: etcd.put('lab/a', '3'), within=20)
