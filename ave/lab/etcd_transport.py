@@ -299,24 +299,15 @@ class Transport:
                     now + (deadline - now) / (len(order) - index))
                 try:
                     result = attempt(endpoint, share)
-                except Unreachable as failure:
-                    last = f'{endpoint.url}: {failure}'
-                except (Lost, BadResponse) as failure:
-                    if write:
-                        raise OutcomeUnknown(
-                            f'{operation} on {endpoint.url}: {failure}; it may or may not '
-                            'have been applied') from None
-                    last = f'{endpoint.url}: {failure}'
+                except (Unreachable, Lost, BadResponse, ServerRefused) as failure:
+                    last = self._judge(operation, endpoint, failure, write)
+                    log.debug('etcd %s: %s', operation, last)
                     if isinstance(failure, BadResponse):
                         broken.add(endpoint)
-                except ServerRefused as refused:
-                    last = f'{endpoint.url}: {clip(refused.message)}'
-                    self._refusal_allows_retry(operation, endpoint, refused, write)
-                else:
-                    self._prefer(endpoint)
-                    return result
-                self.avoid(endpoint)
-                log.debug('etcd %s: %s', operation, last)
+                    self.avoid(endpoint)
+                    continue
+                self._prefer(endpoint)
+                return result
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise EtcdUnavailable(
@@ -326,20 +317,29 @@ class Transport:
             pause = min(pause * 2, LONGEST_PAUSE)
 
     @staticmethod
-    def _refusal_allows_retry(operation: str, endpoint: Endpoint, refused: ServerRefused,
-                              write: bool) -> None:
-        """Return if another try is allowed; else raise what the refusal means."""
-        text = f'{operation} on {endpoint.url}: {clip(refused.message)}'
-        retry = classify(refused.code, refused.message)
+    def _judge(operation: str, endpoint: Endpoint, failure: Exception, write: bool) -> str:
+        """What a failed try means: a line for the final message when another try is
+        allowed; else the error the call raises."""
+        text = f'{operation} on {endpoint.url}'
+        if isinstance(failure, Unreachable):
+            return f'{endpoint.url}: {failure}'
+        if isinstance(failure, (Lost, BadResponse)):
+            if write:
+                raise OutcomeUnknown(f'{text}: {failure}; it may or may not have been '
+                                     'applied')
+            return f'{endpoint.url}: {failure}'
+        assert isinstance(failure, ServerRefused)
+        message = clip(failure.message)
+        retry = classify(failure.code, failure.message)
         if retry is Retry.ANY or (retry is Retry.READS and not write):
-            return
+            return f'{endpoint.url}: {message}'
         if retry is Retry.READS:
-            raise OutcomeUnknown(f'{text}; it may or may not have been applied')
-        if is_lease_gone(refused.message):
-            raise LeaseGone(text)
-        if is_compacted(refused.message):
-            raise Compacted(text, 0)
-        raise EtcdError(text)
+            raise OutcomeUnknown(f'{text}: {message}; it may or may not have been applied')
+        if is_lease_gone(failure.message):
+            raise LeaseGone(f'{text}: {message}')
+        if is_compacted(failure.message):
+            raise Compacted(f'{text}: {message}', 0)
+        raise EtcdError(f'{text}: {message}')
 
     def _rotation(self, candidates: Sequence[Endpoint]) -> list[Endpoint]:
         if len(candidates) == 1:

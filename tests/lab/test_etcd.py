@@ -360,3 +360,23 @@ def test_bad_endpoint_lists_are_refused_at_once(endpoints):
 def test_ipv6_endpoint_is_understood():
     client = Etcd(['http://[::1]:2379'])
     assert client.endpoints == ['http://[::1]:2379']
+
+
+def test_one_client_serves_many_threads_at_once(etcd):
+    failures = []
+
+    def worker(number):
+        try:
+            for i in range(30):
+                etcd.put(f'lab/{number}/{i}', str(i))
+                assert etcd.get(f'lab/{number}/{i}').value == str(i).encode()
+        except Exception as error:  # collected for the assertion below
+            failures.append(error)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not failures, failures[:3]
+    assert len(etcd.get_prefix('lab/')) == 8 * 30
