@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import psutil
 
@@ -77,6 +77,18 @@ def b64(text: str) -> str:
 
 
 # -- the clients under test: each turns an op name into a callable doing one call ---------
+
+class Client(Protocol):
+    name: str
+
+    def op(self, name: str) -> Callable[[], Any]: ...
+
+    def watch_prefix(self) -> str: ...
+
+    def next_event(self) -> None: ...
+
+    def close(self) -> None: ...
+
 
 class AveClient:
     name = 'ave'
@@ -165,7 +177,7 @@ class GrpcClient:
     name = 'grpc'
 
     def __init__(self, endpoint: str, lease: int) -> None:
-        import etcd3  # python3-etcd3, only for this comparison
+        import etcd3  # type: ignore[import-untyped]  # python3-etcd3, for comparison
         host, port = endpoint.removeprefix('http://').rsplit(':', 1)
         self.client = etcd3.client(host=host, port=int(port), timeout=5)
         self.lease = lease
@@ -256,7 +268,7 @@ def measure(call: Callable[[], Any], count: int, budget: float, server: psutil.P
     result.calls += done
 
 
-def measure_watch(client: Any, writer: Etcd, count: int, budget: float,
+def measure_watch(client: Client, writer: Etcd, count: int, budget: float,
                   server: psutil.Process, result: Result) -> None:
     """Put-to-event latency: the put is ave's for every client, the event the client's."""
     prefix = client.watch_prefix()
@@ -351,8 +363,9 @@ def run(plan: Plan, names: list[str]) -> dict[tuple[str, str], Result]:
             writer = Etcd([node.endpoint], timeout=5)
             writer.put('bench/k', 'v')
             lease = writer.lease_grant(600)
-            kinds = {'ave': AveClient, 'floor': FloorClient, 'grpc': GrpcClient,
-                     'etcdctl': EtcdctlClient}
+            kinds: dict[str, Callable[[str, int], Client]] = {
+                'ave': AveClient, 'floor': FloorClient, 'grpc': GrpcClient,
+                'etcdctl': EtcdctlClient}
             clients = [kinds[name](node.endpoint, lease) for name in names]
             try:
                 for round_number in range(plan.rounds):
@@ -428,7 +441,7 @@ def main() -> None:
     names = args.only.split(',') if args.only else ['ave', 'floor', 'grpc', 'etcdctl']
     if 'grpc' in names:
         try:
-            import etcd3  # noqa: F401
+            import etcd3  # type: ignore[import-untyped]  # noqa: F401
         except Exception as error:   # absent, or broken by its protobuf
             print(f'grpc: skipped (python3-etcd3 not usable: {type(error).__name__})',
                   file=sys.stderr)

@@ -48,7 +48,7 @@ def free_port() -> int:
 
 
 def _set_death_signal() -> None:
-    from ave._native import lib
+    from ave._native import lib  # type: ignore[import-not-found]  # built by cffi
     lib.ave_set_death_signal(signal.SIGKILL)
 
 
