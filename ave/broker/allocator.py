@@ -14,9 +14,10 @@ Waiting requests (``ave.broker.queue``) add two things. An item may be *reserved
 the holder of a waiting request: nobody else gets it, and the other members of its
 stacks become collateral exactly as if it were held, because handing one of them out
 would make the reserved item collateral of someone else. And a search may be told to
-*avoid* keys that an earlier waiter is waiting for; a holder's own reservations are
-never avoided. Holder ids must be JSON scalars (int or str) so that the table can be
-written out for a restart.
+*avoid* keys that an earlier waiter is waiting for, and with them the other members
+of their stacks (taking one would make the awaited item collateral); a holder's own
+reservations are never avoided. Holder ids must be JSON scalars (int or str) so that
+the table can be written out for a restart.
 """
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ class Allocator:
         self.stacks = [[dict(member) for member in stack] for stack in stacks]
         self.type_settings = dict(type_settings or {})
         self.items: dict[Key, Item] = {}
+        self._membership: dict[Key, tuple[Profile, tuple[int, ...]]] = {}
 
     # -- equipment coming and going ----------------------------------------------------
 
@@ -177,10 +179,10 @@ class Allocator:
         """Give ``holder`` one item per requested profile, in request order, or nothing.
 
         ``request`` holds profiles and groups (lists of profiles for one stack). Items
-        in ``avoid``, and members of their stacks, are not taken unless reserved for
-        ``holder``. ``now``, if given, is
-        recorded as each item's ``since``. Raises NoSuch if some profile matches nothing
-        at all, Busy if all match something but the whole request cannot be had now.
+        in ``avoid``, and the other members of their stacks, are not taken unless
+        reserved for ``holder``. ``now``, if given, becomes each item's ``since``.
+        Raises NoSuch if some profile matches nothing at all, Busy if all match
+        something but the whole request cannot be had now.
         """
         allocated = self.try_allocate(holder, request, now, avoid)
         if allocated is not None:
@@ -197,7 +199,7 @@ class Allocator:
         The cheap half, for a scheduler that tries many waiting requests in turn.
         """
         groups = self._groups(request)
-        search = self._search(_Search(holder, self._free_keys(holder, avoid)), groups)
+        search = self._search(_Search(holder, self.free_keys(holder, avoid)), groups)
         if search is None:
             return None
         allocated = []
@@ -263,7 +265,7 @@ class Allocator:
             return Blocker(key, 'absent')
         if item.reserved_for is not None and item.reserved_for != holder:
             return Blocker(key, 'reserved', item.reserved_for)
-        mate = self._collateral(holder, key, item, occupants)
+        mate = self._collateral(holder, key, occupants)
         if mate is not None:
             party, via = mate
             return Blocker(key, 'collateral', party, self.items[via].since, via)
@@ -334,10 +336,10 @@ class Allocator:
         if len(group) == 1:
             return self._assign_one(search, groups, index, group[0], None)
         return any(self._assign_group(search, groups, index, group, 0, stack)
-                   for stack in self.stacks)
+                   for stack in range(len(self.stacks)))
 
     def _assign_group(self, search: _Search, groups: list[list[dict]], index: int,
-                      group: list[dict], member: int, stack: list[dict]) -> bool:
+                      group: list[dict], member: int, stack: int) -> bool:
         if member == len(group):
             return self._assign(search, groups, index + 1)
         for key in self._candidates(search, group[member], stack):
@@ -348,7 +350,7 @@ class Allocator:
         return False
 
     def _assign_one(self, search: _Search, groups: list[list[dict]], index: int,
-                    wanted: dict, stack: list[dict] | None) -> bool:
+                    wanted: dict, stack: int | None) -> bool:
         for key in self._candidates(search, wanted, stack):
             search.chosen.append(key)
             if self._assign(search, groups, index + 1):
@@ -356,15 +358,15 @@ class Allocator:
             search.chosen.pop()
         return False
 
-    def _candidates(self, search: _Search, wanted: dict,
-                    stack: list[dict] | None) -> list[Key]:
-        """Keys of the pool that could satisfy ``wanted`` (on demand: a new item)."""
+    def _candidates(self, search: _Search, wanted: dict, stack: int | None) -> list[Key]:
+        """Keys of the pool that could satisfy ``wanted``, within stack number ``stack``
+        if given (on demand: a new item)."""
         equipment_type = self._type(wanted['type'])
         if equipment_type.on_demand:
             return self._create_on_demand(search, equipment_type, wanted)
         return [key for key in search.pool
                 if key not in search.chosen
-                and (stack is None or _in_stack(self.items[key].profile, stack))
+                and (stack is None or stack in self.stacks_of(key))
                 and self.items[key].profile.match(wanted)]
 
     def _create_on_demand(self, search: _Search, equipment_type: EquipmentType,
@@ -379,9 +381,9 @@ class Allocator:
 
     # -- who may have what -------------------------------------------------------------
 
-    def _free_keys(self, holder: Holder, avoid: Collection[Key]) -> list[Key]:
-        """What ``holder`` may be given now, its own reservations first (so a waiter
-        that collected a set is granted that set)."""
+    def free_keys(self, holder: Holder, avoid: Collection[Key] = ()) -> list[Key]:
+        """What ``holder`` may be given now, avoiding ``avoid`` as ``allocate`` does,
+        its own reservations first (so a waiter that collected a set gets that set)."""
         occupants = self._stack_occupants()
         shadow = self._shadow(avoid)
         free = [key for key, item in self.items.items()
@@ -399,11 +401,11 @@ class Allocator:
         protected: dict[int, Key] = {}
         for key in avoid:
             if key in self.items:
-                for index in self._stacks_of(self.items[key].profile):
+                for index in self.stacks_of(key):
                     protected.setdefault(index, key)
         if protected:
-            for key, item in self.items.items():
-                for index in self._stacks_of(item.profile):
+            for key in self.items:
+                for index in self.stacks_of(key):
                     if index in protected:
                         shadow.setdefault(key, protected[index])
                         break
@@ -418,13 +420,13 @@ class Allocator:
             return False
         if item.reserved_for is not None and item.reserved_for != holder:
             return False
-        return self._collateral(holder, key, item, occupants) is None
+        return self._collateral(holder, key, occupants) is None
 
     def _stack_occupants(self) -> list[dict[Holder, Key]]:
         """Per stack: each holder that holds or has reserved a member, with that member.
 
-        Computed once per search rather than once per candidate, so a search costs
-        O(items x stack members) here instead of that again for every candidate.
+        Computed once per search, not once per candidate: O(items) with the membership
+        cache of ``stacks_of``.
         """
         occupants: list[dict[Holder, Key]] = [{} for _ in self.stacks]
         if not self.stacks:
@@ -433,23 +435,38 @@ class Allocator:
             party = item.holder if item.holder is not None else item.reserved_for
             if party is None:
                 continue
-            for index in self._stacks_of(item.profile):
+            for index in self.stacks_of(key):
                 occupants[index].setdefault(party, key)
         return occupants
 
-    def _collateral(self, holder: Holder, key: Key, item: Item,
+    def _collateral(self, holder: Holder, key: Key,
                     occupants: list[dict[Holder, Key]]) -> tuple[Holder, Key] | None:
-        """Another holder with a member of one of ``item``'s stacks, and that member."""
+        """Another holder with a member of one of ``key``'s stacks, and that member."""
         if not self.stacks:
             return None
-        for index in self._stacks_of(item.profile):
+        for index in self.stacks_of(key):
             for party, member in occupants[index].items():
                 if party != holder and member != key:
                     return party, member
         return None
 
-    def _stacks_of(self, profile: Profile) -> list[int]:
-        return [index for index, stack in enumerate(self.stacks) if _in_stack(profile, stack)]
+    def stacks_of(self, key: Key) -> tuple[int, ...]:
+        """The stacks ``key`` is a member of.
+
+        Matching every item against every stack member is most of a search's cost, so
+        the answer is kept while the item's profile is the same object (profiles are
+        replaced, never edited in place); the cache is pruned when it outgrows the table.
+        """
+        profile = self.items[key].profile
+        cached = self._membership.get(key)
+        if cached is not None and cached[0] is profile:
+            return cached[1]
+        if len(self._membership) > 2 * len(self.items) + 64:
+            self._membership = {k: v for k, v in self._membership.items() if k in self.items}
+        stacks = tuple(index for index, stack in enumerate(self.stacks)
+                       if _in_stack(profile, stack))
+        self._membership[key] = (profile, stacks)
+        return stacks
 
     # -- release -----------------------------------------------------------------------
 
@@ -493,7 +510,7 @@ class Allocator:
                 if not self._type(key[0]).on_demand]
 
     def available(self) -> list[dict]:
-        return [dict(self.items[key].profile) for key in self._free_keys(None, ())
+        return [dict(self.items[key].profile) for key in self.free_keys(None, ())
                 if not self._type(key[0]).on_demand]
 
     def allocations(self, holder: Holder | None = None) -> list[dict]:

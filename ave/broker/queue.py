@@ -62,9 +62,10 @@ Waiters whose request nothing in the table can meet any more stay in the queue,
 dormant: they reserve and claim nothing and leave at their deadline (NoSuch is for
 requests that could never match when made).
 
-Cost: a pass tries each waiter once, O(waiters x one allocator search), each search
-bounded by the allocator's SEARCH_LIMIT; the queue holds at most ``limit`` waiters and
-each holder at most one.
+Cost: a pass tries each waiter once: a few profile matches against the free items,
+and an allocator search (bounded by its SEARCH_LIMIT) only for a waiter that passes
+that test (see ``_Vacancies``); O(waiters x searches) at worst. Memory: at most
+``limit`` waiters, one per holder, each request at most MAX_REQUEST_CHARS of JSON.
 """
 from __future__ import annotations
 
@@ -76,10 +77,14 @@ from typing import Any
 from ave.broker.allocator import Allocator, Blocker, Holder, Item, Key, Request
 from ave.broker.exceptions import Busy
 from ave.exceptions import AveException
+from ave.profile import Profile
 
 DEFAULT_AGING_S = 600.0
 DEFAULT_LIMIT = 1000
 MAX_PRIORITY = 100
+MAX_REQUEST_CHARS = 65536  # a real request is a few hundred; it is kept while it waits
+
+Pool = dict[str, list[Profile]]  # profiles of free items, by type
 
 
 @dataclass
@@ -117,18 +122,30 @@ def parse_wait(value: Any) -> float | None:
     """A client's ``wait``: seconds (0: do not wait), or None to wait without limit."""
     if value is None:
         return None
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or value < 0):
-        raise AveException(f'wait must be a number of seconds >= 0 or None, got {value!r}')
-    return float(value)
+    seconds = float('nan')
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond any float
+            pass
+    if not math.isfinite(seconds) or seconds < 0:
+        raise AveException(f'wait must be a number of seconds >= 0 or None, '
+                           f'got {_clip(value)}')
+    return seconds
 
 
 def parse_priority(value: Any) -> int:
     """A client's ``priority``: an int from -MAX_PRIORITY to MAX_PRIORITY."""
     if isinstance(value, bool) or not isinstance(value, int) or abs(value) > MAX_PRIORITY:
         raise AveException(f'priority must be an int from {-MAX_PRIORITY} to '
-                           f'{MAX_PRIORITY}, got {value!r}')
+                           f'{MAX_PRIORITY}, got {_clip(value)}')
     return value
+
+
+def _clip(value: Any) -> str:
+    """A peer's value for an error message, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + '...'
 
 
 class WaitQueue:
@@ -200,8 +217,12 @@ class WaitQueue:
         if len(self.waiters) >= self.limit:
             raise Busy(f'{len(self.waiters)} requests are waiting already, the most '
                        'this broker queues')
-        waiter = Waiter(self.next_id, holder, json.loads(json.dumps(request)), priority,
-                        now, None if wait is None else now + wait)
+        text = json.dumps(request)
+        if len(text) > MAX_REQUEST_CHARS:
+            raise AveException(f'a waiting request may be at most {MAX_REQUEST_CHARS} '
+                               f'characters of JSON, this one is {len(text)}')
+        waiter = Waiter(self.next_id, holder, json.loads(text), priority, now,
+                        None if wait is None else now + wait)
         self.next_id += 1
         self.waiters[waiter.id] = waiter
         return waiter
@@ -251,8 +272,13 @@ class WaitQueue:
         grants: list[Grant] = []
         claims: dict[Key, Holder] = {}
         head_chosen = False
+        vacancies = _Vacancies(allocator)
         for waiter in self.order():
-            if self._try_grant(allocator, waiter, now, claims, grants) or head_chosen:
+            if (vacancies.may_fit(waiter)
+                    and self._try_grant(allocator, waiter, now, claims, grants)):
+                vacancies = _Vacancies(allocator)
+                continue
+            if head_chosen:
                 continue
             planned = _plan(allocator, waiter)
             if planned is None:  # dormant: nothing in the table can meet it now
@@ -330,10 +356,52 @@ class WaitQueue:
         for entry in data['waiters']:
             waiter = Waiter.from_json(entry)
             queue.waiters[waiter.id] = waiter
-        queue.next_id = max([int(data['next_id']), *(w.id + 1 for w in queue.waiters.values())])
+        queue.next_id = max([int(data['next_id']),
+                             *(waiter.id + 1 for waiter in queue.waiters.values())])
         head = data['head']
         queue.head = head if head in queue.waiters else None
         return queue
+
+
+class _Vacancies:
+    """What is free right now, to rule most waiters out of a pass without a search.
+
+    A waiter that holds nothing and has nothing reserved can be given exactly the
+    items free for no holder in particular; unless each of its profiles matches one of
+    those (a group's, all in one stack; on-demand types make theirs), its search would
+    fail. Holders and reservers are always searched. In a busy lab few items are free,
+    so a pass over hundreds of waiters costs a few profile matches each, not a search.
+    """
+
+    def __init__(self, allocator: Allocator) -> None:
+        self.types = allocator.types
+        self.free: Pool = {}
+        self.free_in_stack: list[Pool] = [{} for _ in allocator.stacks]
+        for key in allocator.free_keys(None):
+            profile = allocator.items[key].profile
+            self.free.setdefault(key[0], []).append(profile)
+            for index in allocator.stacks_of(key):
+                self.free_in_stack[index].setdefault(key[0], []).append(profile)
+        self.parties = {item.holder if item.holder is not None else item.reserved_for
+                        for item in allocator.items.values()} - {None}
+
+    def may_fit(self, waiter: Waiter) -> bool:
+        if waiter.holder in self.parties:
+            return True
+        for entry in waiter.request:
+            if isinstance(entry, list):
+                if not any(all(self._matches(wanted, free) for wanted in entry)
+                           for free in self.free_in_stack):
+                    return False
+            elif not self._matches(entry, self.free):
+                return False
+        return True
+
+    def _matches(self, wanted: dict, free: Pool) -> bool:
+        kind = wanted.get('type')
+        if not isinstance(kind, str) or kind not in self.types or self.types[kind].on_demand:
+            return True  # made on demand, or the search decides (and fails)
+        return any(profile.match(wanted) for profile in free.get(kind, ()))
 
 
 def _plan(allocator: Allocator, waiter: Waiter) -> list[Key] | None:
