@@ -49,6 +49,22 @@ class Item:
     reserved_for: Holder | None = None  # a waiting request's holder; never also held
     since: float | None = None          # when the holder got it, on the caller's clock
 
+    @property
+    def state(self) -> str:
+        """What people are shown: releasing, held, reserved (for the waiting request
+        at the head of the queue), offline or available. Who has an item matters
+        more than whether it is reachable right now (a held handset rebooting is
+        still held), so those win over offline."""
+        if self.releasing:
+            return 'releasing'
+        if self.holder is not None:
+            return 'held'
+        if self.reserved_for is not None:
+            return 'reserved'
+        if not self.present or self.profile.get('power_state') == 'offline':
+            return 'offline'
+        return 'available'
+
     def to_json(self) -> dict:
         """Everything about the item, as JSON values (see ``Allocator.restore_item``)."""
         return {'profile': dict(self.profile), 'settings': self.settings,
