@@ -19,6 +19,7 @@ run: install
 	$(BIN)/ave-broker --status || $(BIN)/ave-broker --start
 
 test: install
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 bench: install

@@ -16,8 +16,10 @@ setup(
     # status page (ave.broker.http); both are in Debian as python3-*.
     install_requires=['psutil', 'pyudev', 'pexpect', 'cffi>=1.15', 'h11>=0.14',
                       'prometheus_client>=0.16'],
-    package_data={'ave.broker.http': ['page/*.html', 'page/*.js', 'page/*.css']},
-    extras_require={'test': ['pytest', 'pytest-timeout']},
+    package_data={'ave.broker.http': ['page/*.html', 'page/*.js', 'page/*.css'],
+                  'ave': ['py.typed', '_native.pyi']},
+    # mypy checks the type hints in `make test`, as part of the test suite.
+    extras_require={'test': ['pytest', 'pytest-timeout', 'mypy', 'types-psutil']},
     cffi_modules=['native/build_native.py:ffibuilder'],
     entry_points={
         'console_scripts': [

@@ -79,8 +79,9 @@ class StatusPage:
             self._rebind_later(listener)
             return
         assert process.pid is not None
-        self._take(process, Connection(('http', process.pid), broker_end))
-        self.server.add_connection(self.link)
+        link = Connection(('http', process.pid), broker_end)
+        self._take(process, link)
+        self.server.add_connection(link)
 
     def _rebind_later(self, listener: socketlib.socket) -> None:
         self.listener = listener if listener.fileno() >= 0 else None

@@ -34,7 +34,7 @@ import os
 import shlex
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from ave import sandbox
 from ave.cmd import run as run_command
@@ -259,9 +259,8 @@ class HandsetType(EquipmentType):
 
     def profile_of(self, entry: dict) -> HandsetProfile:
         """A declared handset nobody has seen yet: offline until the lister finds it."""
-        # declared_profile builds the class it is given.
-        return cast(HandsetProfile, declared_profile(HandsetProfile, entry, platform='android',
-                                                     power_state='offline'))
+        return declared_profile(HandsetProfile, entry, platform='android',
+                                power_state='offline')
 
     def from_udev(self, device: Any, settings: dict) -> HandsetProfile | None:
         """The profile of a handset whose adb interface ``device`` is, else None.

@@ -16,10 +16,12 @@ so the broker lists it (offline) even before it was ever plugged in.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from ave.config import load_broker_config
 from ave.profile import Profile
+
+P = TypeVar('P', bound=Profile)
 
 _DECLARED_KEYS = ('type', 'pretty')
 
@@ -105,10 +107,11 @@ def check_declared(entry: dict, identity: str) -> None:
             raise ValueError(f'{key}: expected a non-empty string, got {value!r}')
 
 
-def declared_profile(profile_class: type[Profile], entry: dict, **values: Any) -> Profile:
+def declared_profile(profile_class: type[P], entry: dict, **values: Any) -> P:
     """The profile of a declared item nobody has seen yet: identity, name, ``values``."""
     identity = profile_class.identity
-    fields = {'type': entry['type'], identity: entry[identity], **values}
+    assert identity is not None
+    fields: dict[str, Any] = {'type': entry['type'], identity: entry[identity], **values}
     if 'pretty' in entry:
         fields['pretty'] = entry['pretty']
     return profile_class(fields)
