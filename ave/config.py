@@ -39,7 +39,7 @@ DEFAULT_PORT = 4000
 
 _POLICIES = ('share', 'forward')
 BROKER_KEYS = ('host', 'port', 'stacks', 'remote', 'equipment', 'limits', 'isolation',
-               'queue', 'http')
+               'queue', 'http', 'crash_grace')
 _HTTP_KEYS = ('host', 'port')
 ISOLATION_MODES = ('auto', 'required', 'off')
 
@@ -61,6 +61,13 @@ QUEUE: dict[str, tuple[int | float, int | float, int | float]] = {
     'aging_s': (600.0, 1.0, 10 ** 7),
     'limit': (1000, 1, 100_000),
 }
+#: Seconds a session whose broker died keeps serving its client while it waits for
+#: the next broker of its home to adopt it (DESIGN.md, "A broker crash loses no job"):
+#: long enough for systemd to restart a crashed broker, or a person to start one.
+#: 0 makes sessions end with their broker, as before crash recovery existed; a day
+#: is the most a lab owner may let equipment sit with no broker accounting for it.
+DEFAULT_CRASH_GRACE = 60.0
+CRASH_GRACE_MAX = 86400.0
 _REMOTE_KEYS = ('host', 'port', 'policy', 'authkey')
 _WORKSPACE_KEYS = ('root', 'tools', 'pretty', 'limits')
 _WORKSPACE_LIMIT_KEYS = ('unzip_max_bytes', 'unzip_max_entries')
@@ -256,7 +263,8 @@ def load_broker_config(home: str,
     Returns ``{'host': str, 'port': int, 'stacks': [[profile dict, ...], ...],
     'remote': None or {'host', 'port', 'policy', 'authkey'}, 'equipment': [dict, ...],
     'limits': {name: number} (every name in LIMITS), 'isolation': str,
-    'queue': {name: number} (every name in QUEUE), 'http': None or {'host', 'port'}}``.
+    'queue': {name: number} (every name in QUEUE), 'http': None or {'host', 'port'},
+    'crash_grace': seconds}``.
 
     Here an equipment entry or stack member is only checked to be an object with a
     string ``type``; what else it needs depends on its type, which only the equipment
@@ -278,6 +286,9 @@ def load_broker_config(home: str,
         'http': _http(check, data['http']) if 'http' in data else None,
         'isolation': check.choice('isolation', data.get('isolation', 'auto'),
                                   ISOLATION_MODES),
+        'crash_grace': check.number('crash_grace',
+                                    data.get('crash_grace', DEFAULT_CRASH_GRACE), 0,
+                                    CRASH_GRACE_MAX),
     }
     for index, entry in enumerate(config['equipment']):
         _check_entry(check, f'equipment[{index}]', entry, check_equipment)

@@ -38,6 +38,9 @@ from ave.network.process import StartError
 
 STOP_TIMEOUT = 10.0
 LIST_TIMEOUT = 10.0
+#: After a failed --restart: how long the old broker may take to exit, when it let
+#: go just before its successor died.
+PREDECESSOR_EXIT_WAIT = 1.0
 
 #: A broker bound to every address is reached through the loopback address.
 _WILDCARDS = {'0.0.0.0': '127.0.0.1', '::': '::1'}
@@ -114,13 +117,22 @@ def _start(home: str, args: argparse.Namespace) -> int:
 def _restart(home: str, args: argparse.Namespace) -> int:
     """Hand everything to a new broker; exit 0 only once the new broker serves.
 
-    A configuration error or a failed takeover leaves the running broker serving.
+    A configuration error or a failed takeover leaves the running broker serving. If
+    the running broker died during the handover (it crashed, or was killed), its
+    sessions wait for the next broker: one is started, and adopts them.
     """
-    running = daemon.find_broker(home).pid
+    running = daemon.find_broker(home).process
     if running is None:
         return _start(home, args)
-    broker = daemon.BrokerDaemon.from_home(home, takeover_from=running)
-    return _launch(broker, lambda: _after_failed_restart(home))
+    broker = daemon.BrokerDaemon.from_home(home, takeover_from=running.pid)
+    try:
+        return _launch(broker, lambda: _after_failed_restart(home))
+    except Failure:
+        if not daemon.wait_for_exit(running, PREDECESSOR_EXIT_WAIT):
+            raise
+    print(f'ave-broker: broker {running.pid} died during the handover; starting a new '
+          f'one, which adopts its sessions', file=sys.stderr)
+    return _start(home, args)
 
 
 def _after_failed_restart(home: str) -> str:

@@ -6,6 +6,10 @@ sessions are one model in ``BrokerState``; which item goes to whom is the pure
 are added to and removed from a session with one-way calls over a socket pair, and
 the broker learns that a session ended from its pidfd. Equipment of an ended session
 becomes available again once it has been torn down.
+
+A broker may crash; its sessions outlive it. A fresh broker first adopts the sessions
+of its home that present themselves (``ave.broker.adoption``), and their clients
+come back with ``resume``. An orderly stop tells every session to ``end`` first.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from typing import Any, Callable
 
 from ave import __version__, sandbox
 from ave.broker import listing, takeover
+from ave.broker.adoption import Adopter
 from ave.broker.allocator import Allocator, Key
 from ave.broker.exceptions import Busy
 from ave.broker.sessions import SessionKeeper
@@ -30,6 +35,7 @@ from ave.exceptions import AuthError, AveException
 from ave.logs import clip
 from ave.network.connection import Connection
 from ave.network.control import Control
+from ave.network.exceptions import ConnectionClosed
 from ave.network.limits import Limits
 from ave.network.process import Process
 from ave.profile import Profile
@@ -62,6 +68,7 @@ class BrokerServer(Control):
             self.allocator.add(types[entry['type']].profile_of(entry), entry, static=True)
         self.state = BrokerState()
         self.keeper = SessionKeeper(self)
+        self.adopter = Adopter(self)
         self.waiting = Waiting(self, config['queue']['aging_s'], config['queue']['limit'])
         self.lister: Process | None = None
         self.isolation = Isolation.decide(config['isolation'])
@@ -90,6 +97,28 @@ class BrokerServer(Control):
         """
         return self.waiting.get(self._client(), _parse_request(profiles), wait, priority)
 
+    @Control.rpc
+    def resume(self, token: Any) -> dict:
+        """Carry on as the holder one was before the broker crashed: ``token`` is the
+        one the reply to the first allocation carried. The client must resume before
+        it allocates anything on this connection. Returns what it holds."""
+        assert self.caller is not None
+        connection = self.caller.connection
+        if self.state.is_link(connection):
+            raise AuthError('sessions do not resume')
+        client = self.adopter.claim(token)
+        fresh = self.state.client(connection)
+        if fresh is not None:
+            if fresh.session is not None or self.allocator.held_by(fresh.holder) \
+                    or self.waiting.queue.waiter_of(fresh.holder) is not None:
+                raise AveException('resume() must come before this connection '
+                                   'allocates anything')
+            client.identity = fresh.identity or client.identity
+            self.state.forget(fresh)
+        self.state.bind(client, connection, str(connection.address[0]))
+        log.info('%s is back after the broker restart', _who(client))
+        return {'resources': self.allocator.allocations(client.holder)}
+
     def _roll_back(self, client: Client, keys: list[Key]) -> None:
         """A get failed after its items were chosen: none of them stays held.
 
@@ -116,8 +145,11 @@ class BrokerServer(Control):
             raise
 
     def _hand_out(self, client: Client, keys: list[Key]) -> dict:
+        token = None
         if client.session is None:
             self._check_session_caps(client)
+            # Each new session gets the token its client will resume with after a crash.
+            token = self.state.issue_token(client)
         session = client.session or self.keeper.start(client)
         assert session.link is not None
         profiles = []
@@ -130,8 +162,11 @@ class BrokerServer(Control):
         log.info('allocated %s to %s', ', '.join(f'{k[0]} {k[1]}' for k in keys),
                  _who(client))
         self.allocations_total += 1
-        return {'session': [None, session.port], 'authkey': session.authkey,
-                'resources': profiles}
+        reply = {'session': [None, session.port], 'authkey': session.authkey,
+                 'resources': profiles}
+        if token is not None:
+            reply['token'] = token
+        return reply
 
     def _check_session_caps(self, client: Client) -> None:
         sessions = self.config['limits']
@@ -250,7 +285,7 @@ class BrokerServer(Control):
     @Control.rpc
     @Control.preauth('admin')
     def stop(self) -> None:
-        """Shut the broker down; sessions end themselves when their link closes."""
+        """Shut the broker down; it tells its sessions to end first."""
         self.shutdown('the broker was stopped')
 
     # -- equipment reports -------------------------------------------------------------
@@ -309,9 +344,22 @@ class BrokerServer(Control):
             takeover.take_over(self, self.takeover_from, self.prepare_to_serve)
         else:
             self.prepare_to_serve()
+            self.adopter.open()
+            self._gather_orphans()
             self.keeper.sweep(self._sweeps())
+        self.adopter.arm_placeholders()
         self._start_lister()
         self.status_page.start()
+
+    def _gather_orphans(self) -> None:
+        """Adopt the sessions a crashed broker left, before any client is served:
+        clients that connect meanwhile wait in the listener's queue."""
+        assert self.listener is not None
+        self.selector.unregister(self.listener.fileno())
+        try:
+            self.adopter.gather()
+        finally:
+            self._selector_made(self.selector)
 
     def close_fds(self, exclude: list[int]) -> None:
         listener = self.status_page.listener
@@ -366,10 +414,23 @@ class BrokerServer(Control):
         super().run()
 
     def shutdown(self, details: dict | str | None = None) -> None:
-        """Stop the lister with the broker; sessions end when their links close."""
-        if self.lister is not None and self.keep_going:
-            self.lister.terminate()
+        """Stop the lister with the broker, and tell every session to end: a link
+        that merely closed would look like a crash to it."""
+        if self.keep_going:
+            if self.lister is not None:
+                self.lister.terminate()
+            self._end_sessions()
+            self.adopter.close()
         super().shutdown(details)
+
+    def _end_sessions(self) -> None:
+        for record in self.state.sessions():
+            try:
+                if record.link is None:
+                    raise ConnectionClosed()
+                self.notify(record.link, 'end')
+            except ConnectionClosed:
+                record.process.terminate()  # it cannot hear us: the old way
 
     # -- the lister --------------------------------------------------------------------
 

@@ -10,16 +10,28 @@ Resource code never runs on the session's loop either: set-up, every client call
 teardown run in worker threads, one resource at a time (``Hosted``). So a session
 inside an hour-long ``run()`` still hears its broker at once, and when the client is
 gone it kills the call's commands, tears down and ends within a second or two.
+
+A session outlives its broker. A broker that stops in order says ``end()`` first,
+and the session ends at once. A link that drops without that notice means the broker
+crashed: the session is *orphaned*. It keeps serving its client, looks for the next
+broker of its home every ``RETRY_INTERVAL`` seconds (``ave.broker.rendezvous``) and
+presents itself there; adopted, it carries on with the new broker as its link. If no
+broker adopts it within ``crash_grace`` seconds it tears down and ends as if its
+client had left. SIGTERM still means: tear down and end now.
 """
 from __future__ import annotations
 
 import logging
+import math
+import os
 import signal
 import socket as socketlib
 import threading
+import time
 from typing import Any, Callable
 
 from ave import sandbox
+from ave.broker import rendezvous
 from ave.broker.exceptions import NotAllocated
 from ave.equipment import EquipmentType, Resource
 from ave.exceptions import AuthError, AveException, details_of
@@ -41,9 +53,11 @@ class Hosted:
     at a time. Calls that arrive during set-up wait for it; after a failed set-up
     they raise its error."""
 
-    def __init__(self, key: Key, resource: Resource | None,
+    def __init__(self, key: Key, profile: dict, resource: Resource | None,
                  failure: dict | None = None) -> None:
         self.key = key
+        self.profile = profile
+        self.since = time.time()
         self.resource = resource
         self.failure = failure
         self.ready = threading.Event()
@@ -111,17 +125,27 @@ class _Then:
 class Session(Control):
     """Hosts one client's resources; the client calls their public methods."""
 
+    home: str  # always given: the rendezvous and its marker live there
+
     def __init__(self, listener: socketlib.socket, authkey: str,
                  broker_socket: socketlib.socket, types: dict[str, EquipmentType],
-                 home: str | None = None, logging: bool = False,
-                 isolated: bool = False, hidden: tuple[str, ...] = ()) -> None:
+                 home: str, logging: bool = False,
+                 isolated: bool = False, hidden: tuple[str, ...] = (),
+                 crash_grace: float = 0.0, client: dict | None = None) -> None:
         super().__init__(0, authkey=authkey, socket=listener, home=home,
                          proc_name='ave-broker-session', logging=logging)
         self.broker = Connection(('broker', 0), broker_socket)
         self.types = types
         self.hosted: dict[Key, Hosted] = {}
+        self.releasing: dict[Key, dict] = {}  # torn down now, not yet reported released
         self.isolated = isolated
         self.hidden = hidden
+        self.crash_grace = crash_grace
+        client = client or {}
+        self.client_identity: dict = client.get('identity') or {}
+        self.client_token: str | None = client.get('token')
+        self.orphaned_at: float | None = None  # monotonic time the broker was lost
+        self._marker = -1
 
     def close_fds(self, exclude: list[int]) -> None:
         super().close_fds(exclude + [self.broker.fileno()])
@@ -135,6 +159,13 @@ class Session(Control):
         # Commands of this client's jobs see its own equipment and nothing else.
         sandbox.install(sandbox.Sandbox(self.isolated, self.hidden))
         self.add_connection(self.broker, self.authkey)
+        if self.crash_grace > 0:
+            try:
+                self._marker = rendezvous.hold_marker(self.home)
+            except OSError as error:
+                log.warning('cannot open %s (%s): a broker started after a crash will '
+                            'not wait for this session', rendezvous.marker_path(self.home),
+                            error)
 
     # -- the broker's side -------------------------------------------------------------
 
@@ -149,9 +180,9 @@ class Session(Control):
                 equipment_type.profile_class(profile), settings)
         except Exception as error:
             log.exception('could not set up %s', key)
-            self.hosted[key] = Hosted(key, None, details_of(error))
+            self.hosted[key] = Hosted(key, dict(profile), None, details_of(error))
             return
-        hosted = self.hosted[key] = Hosted(key, resource)
+        hosted = self.hosted[key] = Hosted(key, dict(profile), resource)
         self.run_in_thread(lambda: hosted.set_up(tainted),
                            _Then(lambda _: None, self._log_failure))
 
@@ -164,10 +195,15 @@ class Session(Control):
         if hosted is None:
             self._report_released(profile, False)
             return
+        self.releasing[key] = hosted.profile
         self.stop_commands(hosted)
         self.run_in_thread(hosted.tear_down, _Then(
-            lambda clean: self._report_released(profile, clean is True),
-            lambda error: self._report_released(profile, False)))
+            lambda clean: self._torn_down(key, profile, clean is True),
+            lambda error: self._torn_down(key, profile, False)))
+
+    def _torn_down(self, key: Key, profile: dict, clean: bool) -> None:
+        self.releasing.pop(key, None)
+        self._report_released(profile, clean)
 
     def stop_commands(self, hosted: Hosted | None = None) -> None:
         """Kill the commands running for one resource (None: for all of them), so a
@@ -179,11 +215,34 @@ class Session(Control):
             sandbox.current().kill(hosted.resource)
 
     def _report_released(self, profile: dict, clean: bool) -> None:
-        """Tell the broker an item is free, and whether its teardown succeeded."""
+        """Tell the broker an item is free, and whether its teardown succeeded.
+
+        Without a broker the report is dropped: the next broker, not told about the
+        item, takes it for free and has it reset before its next holder uses it.
+        """
         try:
             self.notify(self.broker, 'released', profile, clean)
         except ConnectionClosed:
             log.warning('broker gone: could not report %s released', profile)
+
+    @Control.rpc
+    def end(self) -> None:
+        """The broker stops in order: end now (one-way, broker only)."""
+        self._require_broker()
+        self.shutdown('the broker has stopped')
+
+    @Control.rpc
+    def adopted(self, crash_grace: Any = None) -> None:
+        """A new broker took this session over (one-way, broker only); its
+        ``crash_grace`` applies from now on."""
+        self._require_broker()
+        if self.orphaned_at is not None:
+            log.info('adopted by the broker of %s after %.1f s on our own', self.home,
+                     time.monotonic() - self.orphaned_at)
+        self.orphaned_at = None
+        if isinstance(crash_grace, (int, float)) and not isinstance(crash_grace, bool) \
+                and math.isfinite(crash_grace) and crash_grace >= 0:
+            self.crash_grace = float(crash_grace)
 
     def _require_broker(self) -> None:
         if self.caller is None or self.caller.connection is not self.broker:
@@ -230,24 +289,66 @@ class Session(Control):
             raise AveException(f'profile lacks its identity {equipment_type.identity!r}: '
                                f'{profile!r}') from None
 
-    # -- ending ------------------------------------------------------------------------
+    # -- outliving the broker ----------------------------------------------------------
 
     def lost_connection(self, connection: Connection, authkey: str | None) -> None:
-        """Without its broker nobody accounts for the equipment: hand it all back."""
-        if connection is self.broker and self.keep_going:
+        """The broker went without saying ``end()``: it crashed. Serve on and look
+        for the next one (with a grace of 0, end as sessions always did)."""
+        if connection is not self.broker or not self.keep_going:
+            return
+        if self.crash_grace <= 0:
             log.warning('broker connection lost; ending the session')
             self.shutdown()
+            return
+        if self.orphaned_at is None:
+            self.orphaned_at = orphaned_at = time.monotonic()
+            log.warning('lost the broker without notice (a crash?): serving on, and '
+                        'ending in %g s unless a new broker adopts this session',
+                        self.crash_grace)
+            self.call_later(self.crash_grace, lambda: self._grace_over(orphaned_at))
+        self.call_later(rendezvous.RETRY_INTERVAL, self._seek_broker)
+
+    def _seek_broker(self) -> None:
+        """Try once to reach a broker of this home and present this session to it; the
+        broker closes the connection if it does not adopt it, and we try again."""
+        if self.orphaned_at is None or not self.keep_going or not self.broker.closed:
+            return
+        sock = rendezvous.connect(self.home)
+        if sock is None:
+            self.call_later(rendezvous.RETRY_INTERVAL, self._seek_broker)
+            return
+        link = Connection(('broker', 0), sock)
+        link.queue(self.presentation().encode())
+        self.broker = link
+        self.add_connection(link, self.authkey)
+
+    def presentation(self) -> rendezvous.Presentation:
+        """What a new broker must know to adopt this session."""
+        return rendezvous.Presentation(
+            os.getpid(), self.port or 0, self.authkey or '', self.client_identity,
+            self.client_token,
+            tuple(rendezvous.Hosting(h.profile, h.since) for h in self.hosted.values()),
+            tuple(self.releasing.values()))
+
+    def _grace_over(self, orphaned_at: float) -> None:
+        if self.orphaned_at == orphaned_at and self.keep_going:
+            log.warning('no broker adopted this session within %g s; ending it',
+                        self.crash_grace)
+            self.shutdown('no broker adopted the session after its broker was lost')
+
+    # -- ending ------------------------------------------------------------------------
 
     def shutdown(self, details: dict | str | None = None) -> None:
         """Stop every command, tear every resource down and report it, then tell the
         clients that the session ended."""
         if not self.keep_going:
             return
+        if self._marker >= 0:  # an ending session presents itself to nobody
+            os.close(self._marker)
+            self._marker = -1
         self.stop_commands()
-        for key, hosted in list(self.hosted.items()):
-            profile = hosted.resource.get_profile() if hosted.resource else {
-                'type': key[0], self.types[key[0]].identity: key[1]}
-            self._report_released(profile, hosted.tear_down(CALL_DRAIN_TIMEOUT))
+        for hosted in list(self.hosted.values()):
+            self._report_released(hosted.profile, hosted.tear_down(CALL_DRAIN_TIMEOUT))
         self.hosted.clear()
         super().shutdown(details or 'the session has ended')
 

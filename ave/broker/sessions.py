@@ -46,7 +46,9 @@ class SessionKeeper:
         authkey = secrets.token_urlsafe(32)
         process = Session(listener, authkey, session_end, server.types, server.home,
                           logging=server.logging, isolated=server.isolation.enabled,
-                          hidden=server.hidden_paths())
+                          hidden=server.hidden_paths(),
+                          crash_grace=server.config['crash_grace'],
+                          client={'identity': client.describe(), 'token': client.token})
         try:
             process.start()
         finally:
@@ -132,4 +134,5 @@ class SessionKeeper:
 
 
 def adopt_process(pid: int) -> Process:
+    """A handle on a session this broker did not fork (a predecessor did)."""
     return Process.adopt(pid, 'ave-broker-session')

@@ -4,14 +4,21 @@ to those sessions, kept as one model.
 A ``Client`` is one connection to the broker, with the identity its job announced,
 the session that hosts what it was given and its place in the waiting queue. A
 ``SessionRecord`` is one running session process. ``BrokerState`` indexes both the
-ways the broker looks them up (by connection, by holder id, by session pid, by link)
-and is the only place that changes those indexes, so no lookup ever scans and no
-two dicts can disagree. A restart hands the whole model to the successor as JSON
-(``export``/``restore``), with connections replaced by their index in the list of
-handed-over peers.
+ways the broker looks them up (by connection, by holder id, by resume token, by
+session pid, by link) and is the only place that changes those indexes, so no lookup
+ever scans and no two dicts can disagree. A restart hands the whole model to the
+successor as JSON (``export``/``restore``), with connections replaced by their index
+in the list of handed-over peers.
+
+After a broker crash a client may have no connection for a while: the next broker
+adopted its session and holds its equipment for it in a *placeholder* ``Client``
+until it comes back with the resume token of its first allocation (``bind``). The
+broker keeps only the token's SHA-256 digest, as the session does.
 """
 from __future__ import annotations
 
+import hashlib
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -47,18 +54,26 @@ class SessionRecord:
 
 @dataclass(eq=False)
 class Client:
-    """A connected client and the session holding its equipment, if any."""
+    """A client and the session holding its equipment, if any; ``connection`` is None
+    for a placeholder (a client expected back after a broker crash)."""
 
     holder: int
-    connection: Connection
+    connection: Connection | None
     address: str = ''
     identity: dict = field(default_factory=dict)
     session: SessionRecord | None = None
     connected_at: float = field(default_factory=time.time)
+    token: str | None = None  # digest of the resume token handed to the client
 
     def describe(self) -> dict:
         """The identity shown to people: what the job announced, else its address."""
         return dict(self.identity) or {'host': self.address}
+
+
+def token_digest(token: str) -> str:
+    """What broker and session keep of a resume token: enough to recognise it, not
+    enough to present it."""
+    return hashlib.sha256(token.encode('utf-8')).hexdigest()
 
 
 def identity_of(announced: Any, address: str) -> dict:
@@ -84,6 +99,7 @@ class BrokerState:
     def __init__(self) -> None:
         self._clients: dict[Connection, Client] = {}
         self._by_holder: dict[int, Client] = {}
+        self._by_token: dict[str, Client] = {}
         self._sessions: dict[int, SessionRecord] = {}
         self._by_link: dict[Connection, SessionRecord] = {}
         self.next_holder = 1
@@ -107,12 +123,56 @@ class BrokerState:
         return client
 
     def remove_client(self, connection: Connection) -> Client | None:
-        client = self._clients.pop(connection, None)
+        client = self._clients.get(connection)
         if client is not None:
-            del self._by_holder[client.holder]
-            if client.session is not None:
-                client.session.holder = None
+            self.forget(client)
         return client
+
+    def forget(self, client: Client) -> None:
+        """The client is gone for good (disconnected, or never came back)."""
+        if client.connection is not None:
+            self._clients.pop(client.connection, None)
+        self._by_holder.pop(client.holder, None)
+        if client.token is not None:
+            self._by_token.pop(client.token, None)
+        if client.session is not None:
+            client.session.holder = None
+
+    # -- resuming after a crash --------------------------------------------------------
+
+    def issue_token(self, client: Client) -> str:
+        """A new resume token for ``client`` (its digest is kept): the client presents
+        it to the next broker if this one crashes."""
+        token = secrets.token_urlsafe(32)
+        if client.token is not None:
+            self._by_token.pop(client.token, None)
+        client.token = token_digest(token)
+        self._by_token[client.token] = client
+        return token
+
+    def add_placeholder(self, identity: dict, token: str | None) -> Client:
+        """A client that held equipment before a crash and has not reconnected yet."""
+        client = Client(self.next_holder, None, identity=identity, token=token)
+        self.next_holder += 1
+        self._by_holder[client.holder] = client
+        if token is not None and token not in self._by_token:
+            self._by_token[token] = client
+        return client
+
+    def placeholder(self, token: str) -> Client | None:
+        """The client waiting to be resumed with the token of digest ``token``."""
+        client = self._by_token.get(token)
+        return client if client is not None and client.connection is None else None
+
+    def placeholders(self) -> list[Client]:
+        return [c for c in self._by_holder.values() if c.connection is None]
+
+    def bind(self, client: Client, connection: Connection, address: str) -> None:
+        """A placeholder came back on ``connection``: it is that client again."""
+        client.connection = connection
+        client.address = address
+        client.connected_at = time.time()
+        self._clients[connection] = client
 
     # -- sessions ----------------------------------------------------------------------
 
@@ -172,12 +232,13 @@ class BrokerState:
         """The whole model as JSON; connections become indexes of handed-over peers."""
         return {
             'next_holder': self.next_holder,
-            'clients': [{'peer': index_of(c.connection), 'holder': c.holder,
-                         'address': c.address, 'identity': c.identity,
-                         'connected_at': c.connected_at,
+            'clients': [{'peer': None if c.connection is None else index_of(c.connection),
+                         'holder': c.holder, 'address': c.address,
+                         'identity': c.identity, 'connected_at': c.connected_at,
+                         'token': c.token,
                          'session': None if c.session is None else c.session.pid}
-                        for c in self._clients.values()
-                        if index_of(c.connection) is not None],
+                        for c in self._by_holder.values()
+                        if c.connection is None or index_of(c.connection) is not None],
             'sessions': [{'pid': r.pid, 'port': r.port, 'authkey': r.authkey,
                           'link': None if r.link is None else index_of(r.link),
                           'keys': sorted(r.keys), 'holder': r.holder,
@@ -199,11 +260,15 @@ class BrokerState:
                 {(key[0], key[1]) for key in entry['keys']}, entry['holder'],
                 entry['closing']))
         for entry in data['clients']:
-            connection = connections[entry['peer']]
+            connection = None if entry['peer'] is None else connections[entry['peer']]
             client = Client(entry['holder'], connection, entry['address'],
-                            entry['identity'], None, entry['connected_at'])
-            state._clients[connection] = client
+                            entry['identity'], None, entry['connected_at'],
+                            entry.get('token'))
+            if connection is not None:
+                state._clients[connection] = client
             state._by_holder[client.holder] = client
+            if client.token is not None:
+                state._by_token[client.token] = client
             if entry['session'] is not None:
                 client.session = state._sessions.get(entry['session'])
         return state
