@@ -1,6 +1,7 @@
 """Restart the broker over and over under load: does any client notice?
 
-Run from the repository root: ``.venv/bin/python bench/restart.py [--quick] [--keep]``.
+Run from the repository root:
+``.venv/bin/python bench/restart.py [--crash] [--quick] [--keep]``.
 Exit status 0 when every target is met, 1 when one is missed or the run failed.
 
 ``ave-broker --restart`` promises that running test jobs never see it: no refused
@@ -30,6 +31,21 @@ command ran. At the end the design's other promises are checked too: old brokers
 exit, sessions of departed clients end and their relays come back, and
 ``ave-broker --stop`` leaves nothing of the broker running.
 
+``--crash`` measures the other half, a broker that dies: each cycle SIGKILLs the
+broker and starts a new one with ``ave-broker --start`` (what systemd's
+``Restart=on-failure`` does, without its one-second delay). Sessions outlive the
+broker and the new one adopts them; the clients' ``Broker`` objects reconnect and
+resume by themselves. The clients behave as a job written for it would: a broker
+call that meets the outage (the connection lost, a refused connection, a ``get``
+whose answer was lost) is tried again after a short pause, and after a lost ``get``
+the client gives back what ``list_allocations()`` says it holds (an answer that got
+lost may have granted a relay) before it asks again. Each allocation is used for
+three calls on the relay. The promise: no call on a relay fails, no session is lost
+(a relay held across a crash is still the client's afterwards), and allocating
+pauses only while no broker runs. Only broker calls (get, yield) are timestamps
+here, so a crash's pause is the allocation pause: the longest gap between two of a
+client's answered broker calls that overlaps the kill and the start.
+
 Every loop ends at its count or its time budget, whichever comes first; every
 process started here is stopped and reaped at the end, also after an error, and the
 temporary directory is removed (``--keep`` keeps it when a target was missed or the
@@ -54,17 +70,18 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import psutil
 
 from ave import config
 from ave.broker.client import Broker
 from ave.broker.daemon import find_broker, log_dir, wait_for_exit
-from ave.broker.exceptions import Busy
+from ave.broker.exceptions import Busy, NotAllocated, NotOwner
 from ave.exceptions import Exit
 from ave.network.connection import above_ephemeral_ports, find_free_port
 from ave.network.control import RemoteControl
-from ave.network.exceptions import ConnectionClosed, ConnectionRefused
+from ave.network.exceptions import ConnectionClosed, ConnectionException, ConnectionRefused
 
 from _common import (Children, describe, percentile, receive_message, render_table,
                      send_message)
@@ -89,6 +106,9 @@ STOP_GRACE = 15.0
 MAX_RESTART_FAILURES = 3    # consecutive failed --restart commands end the series
 FIRST_ERRORS = 5            # failure messages each client keeps for the report
 NOTES_WIDTH = 88
+HOLD_CALLS = 3              # crash mode: calls on the relay per allocation
+OUTAGE_PATIENCE = 30.0      # crash mode: how long a broker call is retried in an outage
+OUTAGE_PAUSE = 0.02         # crash mode: between two tries of a broker call
 
 
 @dataclass(frozen=True)
@@ -97,6 +117,7 @@ class Plan:
     restarts: int = 100
     interval: float = 0.1
     budget: float = 600.0
+    crash: bool = False  # SIGKILL and --start instead of --restart
 
     @property
     def cycling(self) -> float:
@@ -241,9 +262,10 @@ class LoadClient:
     """One test job that allocates, calls and releases a relay, over and over, and
     keeps a record of how every call went."""
 
-    def __init__(self, address: tuple[str, int], fresh: bool) -> None:
+    def __init__(self, address: tuple[str, int], fresh: bool, crash: bool = False) -> None:
         self.address = address
         self.fresh = fresh
+        self.crash = crash
         self.broker: Broker | None = None
         self.reset()
 
@@ -255,6 +277,10 @@ class LoadClient:
         self.lost = 0
         self.failed: Counter[str] = Counter()
         self.errors: list[tuple[float, str]] = []
+        self.resource_calls = 0
+        self.resource_failed: Counter[str] = Counter()
+        self.outage = 0
+        self.strays = 0
 
     def connect(self) -> Broker:
         if self.broker is None:
@@ -279,6 +305,9 @@ class LoadClient:
         After a failure the connection is dropped and the next cycle starts from
         nothing, as a job that handles errors would.
         """
+        if self.crash:
+            self.crash_cycle()
+            return
         holding = False
         try:
             broker = self.connect()
@@ -308,6 +337,85 @@ class LoadClient:
             if self.fresh:
                 self.disconnect()
 
+    def crash_cycle(self) -> None:
+        """Crash mode: get, HOLD_CALLS calls on the relay, give it back, riding out
+        any broker outage on the way (see the module's docstring)."""
+        try:
+            broker = self.connect()
+            try:
+                relay = self.allocate(broker)
+            except Busy:
+                self.completed()
+                self.busy += 1
+                return
+            self.completed()
+            with relay:
+                relay._reply_timeout = CALL_TIMEOUT
+                for _ in range(HOLD_CALLS):
+                    try:
+                        relay.get_profile()
+                    except Exception as error:
+                        self.resource_failure(error)
+                        self.disconnect()
+                        return
+                    self.resource_calls += 1
+                try:
+                    self.through_outage(lambda: broker.yield_resources(relay))
+                except (NotAllocated, NotOwner) as error:  # the resume failed
+                    self.lost += 1
+                    self.failure(error, False)
+                    self.disconnect()
+                    return
+                self.completed()
+            self.cycles += 1
+        except Exception as error:  # every failure is the measurement, not a crash
+            self.failure(error, False)
+            self.disconnect()
+            time.sleep(FAILURE_PAUSE)
+        finally:
+            if self.fresh:
+                self.disconnect()
+
+    def allocate(self, broker: Broker) -> Any:
+        """``get`` a relay, asking again after an outage; an answer a crash lost may
+        have granted one, so whatever the client holds then goes back first."""
+        deadline = time.monotonic() + OUTAGE_PATIENCE
+        while True:
+            try:
+                return broker.get(PROFILE)
+            except ConnectionException:
+                if time.monotonic() > deadline:
+                    raise
+                self.outage += 1
+                time.sleep(OUTAGE_PAUSE)
+                self.through_outage(lambda: self.give_back_strays(broker))
+
+    def give_back_strays(self, broker: Broker) -> None:
+        held = broker.list_allocations()
+        if held:
+            broker.yield_resources(*held)
+            self.strays += len(held)
+
+    def through_outage(self, call: Callable[[], object]) -> object:
+        """A broker call, tried again while no broker answers (up to OUTAGE_PATIENCE)."""
+        deadline = time.monotonic() + OUTAGE_PATIENCE
+        while True:
+            try:
+                return call()
+            except ConnectionException:
+                if time.monotonic() > deadline:
+                    raise
+                self.outage += 1
+                time.sleep(OUTAGE_PAUSE)
+
+    def resource_failure(self, error: Exception) -> None:
+        """A call on a relay failed: what crash mode must never see."""
+        self.resource_failed[type(error).__name__] += 1
+        if isinstance(error, (Exit, ConnectionClosed)):
+            self.lost += 1
+        if len(self.errors) < FIRST_ERRORS:
+            self.errors.append((time.monotonic(), describe(error)))
+
     def failure(self, error: Exception, holding: bool) -> None:
         """Count the failure by type; one that ends the link to equipment still held
         (its session or the broker connection went away) also counts as a lost session."""
@@ -321,16 +429,19 @@ class LoadClient:
         return {'fresh': self.fresh, 'cycles': self.cycles, 'calls': len(self.stamps) - 1,
                 'busy': self.busy, 'lost': self.lost, 'failed': dict(self.failed),
                 'refused': self.failed[ConnectionRefused.__name__],
-                'errors': self.errors, 'ended': ended}
+                'errors': self.errors, 'ended': ended,
+                'resource_calls': self.resource_calls,
+                'resource_failed': dict(self.resource_failed),
+                'outage': self.outage, 'strays': self.strays}
 
 
-def client_main(address: tuple[str, int], fresh: bool, stop_read: int, stop_write: int,
-                report: int, stamps_path: str, cycling: float) -> None:
+def client_main(address: tuple[str, int], fresh: bool, crash: bool, stop_read: int,
+                stop_write: int, report: int, stamps_path: str, cycling: float) -> None:
     """A client process: warm up, say ready, cycle until told to stop, then write the
     timestamps of its completed calls to ``stamps_path`` and report on ``report``."""
     os.close(stop_write)  # so that the parent closing its end reads as "stop" here
     logging.getLogger('ave').setLevel(logging.CRITICAL)
-    client = LoadClient(address, fresh)
+    client = LoadClient(address, fresh, crash)
     for _ in range(WARMUP_CYCLES):
         client.cycle()
     if client.failed:
@@ -374,8 +485,8 @@ def start_clients(children: Children, plan: Plan, address: tuple[str, int],
     for index in range(CLIENTS):
         report_read, report_write = os.pipe()
         path = os.path.join(directory, f'stamps-{index}')
-        pid = children.fork(client_main, address, index % 2 == 1, stop_read, stop_write,
-                            report_write, path, plan.cycling)
+        pid = children.fork(client_main, address, index % 2 == 1, plan.crash, stop_read,
+                            stop_write, report_write, path, plan.cycling)
         os.close(report_write)
         clients.members.append((pid, report_read, path))
     for _, report, _ in clients.members:
@@ -474,6 +585,55 @@ def restart_series(lab: Lab, plan: Plan) -> Series:
     return series
 
 
+def crash_series(lab: Lab, plan: Plan) -> Series:
+    """Crash mode: up to ``plan.restarts`` times, SIGKILL the broker and start a new
+    one with ``--start``, each after the same ``--status`` control as a restart.
+    A crash's window runs from the kill to the end of the ``--start`` command."""
+    series = Series()
+    deadline = time.monotonic() + plan.budget
+    failures_in_a_row = 0
+    for number in range(plan.restarts):
+        if time.monotonic() >= deadline:
+            series.early_stop = (f'stopped after {number} of {plan.restarts} crashes: '
+                                 f'the {plan.budget:.0f} s budget ran out')
+            return series
+        began = time.monotonic()
+        status = lab.cli('--status').stdout.strip()
+        series.controls.append((began, time.monotonic()))
+        running = find_broker(lab.home).process
+        if status != f'running, pid {lab.pid}' or running is None:
+            series.early_stop = (f'stopped after {number} crashes: --status said '
+                                 f'{status!r}, expected broker {lab.pid} to run')
+            return series
+        time.sleep(plan.interval)
+        crash = Restart(time.monotonic(), 0.0, running)
+        running.send_signal(signal.SIGKILL)
+        if not wait_for_exit(running, STOP_GRACE):
+            crash.error = f'broker {running.pid} survived SIGKILL'
+        else:
+            try:
+                result = lab.cli('--start')
+                if result.returncode == 0:
+                    crash.pid = int(result.stdout)
+                else:
+                    crash.error = result.stderr.strip() or f'exit status {result.returncode}'
+            except subprocess.TimeoutExpired:
+                crash.error = f'--start did not finish within {CLI_TIMEOUT:.0f} s'
+        crash.ended = time.monotonic()
+        series.restarts.append(crash)
+        if crash.pid is None:
+            failures_in_a_row += 1
+            if failures_in_a_row >= MAX_RESTART_FAILURES:
+                series.early_stop = (f'stopped after {number + 1} crashes: '
+                                     f'{failures_in_a_row} starts failed in a row')
+                return series
+        else:
+            failures_in_a_row = 0
+            lab.pid = crash.pid
+        time.sleep(plan.interval)
+    return series
+
+
 def surviving_predecessors(restarts: list[Restart], lab: Lab) -> list[int]:
     """Old brokers still running AFTERMATH seconds from now; each should have exited as
     soon as it handed everything over."""
@@ -503,17 +663,24 @@ def gaps_of(stamps: array) -> list[float]:
     return [later - earlier for earlier, later in zip(stamps, stamps[1:])]
 
 
-def pause_during(stamps: array, began: float, ended: float) -> float:
+def pause_during(stamps: array, began: float, ended: float,
+                 apart_from: list[tuple[float, float]] = ()) -> float:
     """The longest gap in ``stamps`` that overlaps ``[began, ended]``: it ends after the
-    command began and starts before the command ended."""
+    command began and starts before the command ended. Gaps that also overlap one
+    of the windows ``apart_from`` do not count."""
     first = max(1, bisect_right(stamps, began))
     last = min(len(stamps) - 1, bisect_left(stamps, ended))
-    return max((stamps[i] - stamps[i - 1] for i in range(first, last + 1)), default=0.0)
+    return max((stamps[i] - stamps[i - 1] for i in range(first, last + 1)
+                if not any(stamps[i] > start and stamps[i - 1] < end
+                           for start, end in apart_from)), default=0.0)
 
 
-def pauses(windows: list[tuple[float, float]], stamps: list[array]) -> list[float]:
-    """For each command's run, the longest pause any client saw meanwhile."""
-    return [max(pause_during(s, began, ended) for s in stamps) for began, ended in windows]
+def pauses(windows: list[tuple[float, float]], stamps: list[array],
+           apart_from: list[tuple[float, float]] = ()) -> list[float]:
+    """For each command's run, the longest pause any client saw meanwhile (leaving
+    out pauses that also overlap a window of ``apart_from``)."""
+    return [max(pause_during(s, began, ended, apart_from) for s in stamps)
+            for began, ended in windows]
 
 
 def when(moment: float, restarts: list[Restart]) -> str:
@@ -553,6 +720,8 @@ def check(passed: bool) -> str:
 
 
 def table_rows(outcome: Outcome) -> list[list[str]]:
+    if outcome.plan.crash:
+        return crash_rows(outcome)
     series, reports = outcome.series, outcome.reports
     done = [r for r in series.restarts if r.pid is not None]
     times = [r.ended - r.began for r in done]
@@ -605,6 +774,61 @@ def table_rows(outcome: Outcome) -> list[list[str]]:
     return rows
 
 
+def crash_rows(outcome: Outcome) -> list[list[str]]:
+    """The table of crash mode: what jobs must never see, and how long allocating
+    paused."""
+    series, reports = outcome.series, outcome.reports
+    done = [r for r in series.restarts if r.pid is not None]
+    times = [r.ended - r.began for r in done]
+    calls = sum(r['calls'] for r in reports)
+    resource_calls = sum(r['resource_calls'] for r in reports)
+    resource_failed: Counter[str] = Counter()
+    failed: Counter[str] = Counter()
+    for report in reports:
+        resource_failed.update(report['resource_failed'])
+        failed.update(report['failed'])
+    lost = sum(r['lost'] for r in reports)
+    crashes = [(r.began, r.ended) for r in series.restarts]
+    during = pauses([(r.began, r.ended) for r in done], outcome.stamps)
+    # A crash's pause lasts until clients are back, often into the next --status:
+    # the control counts only pauses that overlap no crash.
+    control = pauses(series.controls, outcome.stamps, crashes)
+    longest = max(during, default=0.0)
+    return [
+        ['crashes (SIGKILL, then --start)', f'{len(done)} of {outcome.plan.restarts}',
+         str(outcome.plan.restarts), check(len(done) == outcome.plan.restarts)],
+        ['start commands failed', str(len(series.restarts) - len(done)), '0',
+         check(len(series.restarts) == len(done))],
+        *spread('kill to started broker', times),
+        ['calls on relays completed', f'{resource_calls:,}', '', ''],
+        ['calls on relays failed', str(sum(resource_failed.values())), '0',
+         check(not resource_failed)],
+        *([f'  {name}', str(count), '', ''] for name, count in sorted(resource_failed.items())),
+        ['sessions lost', str(lost), '0', check(lost == 0)],
+        ['broker calls answered', f'{calls:,} ({calls / outcome.measured:,.0f}/s)', '', ''],
+        ['broker calls tried again in an outage', f'{sum(r["outage"] for r in reports):,}',
+         '', ''],
+        ['relays given back after a lost get answer', str(sum(r['strays'] for r in reports)),
+         '', ''],
+        ['other failures', str(sum(failed.values())), '0', check(not failed)],
+        *([f'  {name}', str(count), '', ''] for name, count in sorted(failed.items())),
+        ['cycles completed', f'{sum(r["cycles"] for r in reports):,}', '', ''],
+        ['Busy retries', f'{sum(r["busy"] for r in reports):,}', '', ''],
+        ['longest allocation pause (crash)', ms(longest), '', ''],
+        *spread('allocation pause (crash)', during),
+        ['longest allocation pause during --status (control)',
+         ms(max(control, default=0.0)), '', ''],
+        ['  ratio, longest crash pause to longest control pause',
+         f'{longest / max(max(control, default=0.0), 1e-9):.1f}x', '', ''],
+        ['sessions left after clients quit', str(len(outcome.sessions)), '0',
+         check(not outcome.sessions)],
+        ['relays free after clients quit', f'{outcome.free_relays} of {RELAYS}',
+         str(RELAYS), check(outcome.free_relays == RELAYS)],
+        ['processes left after --stop', str(len(outcome.survivors)), '0',
+         check(not outcome.survivors)],
+    ]
+
+
 def spread(what: str, samples: list[float]) -> list[list[str]]:
     """p50 and p99 rows of a duration, none when nothing was measured."""
     if not samples:
@@ -626,16 +850,29 @@ relays {AFTERMATH:.0f} s after the clients quit, processes {STOP_GRACE:.0f} s af
 ave-broker --stop."""  # filled to one width when printed
 
 
+CRASH_NOTES = """\
+Broker calls: get (a Busy answer too) and yield_resources, each counted once it was
+answered; a call that met the outage is tried again until it is. Calls on relays run in
+the clients' sessions and must never fail; a session is lost when such a call fails with
+Exit or ConnectionClosed, or when a relay held across a crash is no longer the client's
+(its resume failed). A crash's allocation pause: the longest gap between two answered
+broker calls of any one client that overlaps the time from the kill to the end of
+--start. The control is the same gap during an ave-broker --status, among the gaps that
+overlap no crash."""
+
+
 def report(outcome: Outcome) -> tuple[str, bool]:
     """The printed report and whether every target was met."""
     rows = table_rows(outcome)
     plan, series = outcome.plan, outcome.series
-    lines = [f'Restart benchmark: Python {platform.python_version()}, '
+    what = 'Crash' if plan.crash else 'Restart'
+    lines = [f'{what} benchmark: Python {platform.python_version()}, '
              f'{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} at the end); '
-             f'{CLIENTS} clients, {RELAYS} relays, {plan.restarts} restarts, '
+             f'{CLIENTS} clients, {RELAYS} relays, {plan.restarts} '
+             f'{"crashes" if plan.crash else "restarts"}, '
              f'{plan.interval:g} s between commands, {outcome.measured:.1f} s under load.',
              '', render_table(['measurement', 'value', 'target', 'result'], rows),
-             '', textwrap.fill(NOTES, NOTES_WIDTH)]
+             '', textwrap.fill(CRASH_NOTES if plan.crash else NOTES, NOTES_WIDTH)]
     if series.early_stop:
         lines += ['', f'The series ended early: {series.early_stop}.']
     failed_restarts = [(n, r) for n, r in enumerate(series.restarts, 1) if r.error]
@@ -669,13 +906,13 @@ def measure(lab: Lab, children: Children, plan: Plan, directory: str) -> Outcome
     try:
         began = time.monotonic()
         time.sleep(SETTLE)
-        series = restart_series(lab, plan)
+        series = crash_series(lab, plan) if plan.crash else restart_series(lab, plan)
         time.sleep(SETTLE)
         results = stop_clients(clients)
         measured = time.monotonic() - began
     finally:
         clients.close()
-    old_brokers = surviving_predecessors(series.restarts, lab)
+    old_brokers = [] if plan.crash else surviving_predecessors(series.restarts, lab)
     sessions = lingering_sessions(lab)
     try:
         free: int | str = lab.free_relays()
@@ -713,6 +950,9 @@ def run(plan: Plan, keep: bool) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--crash', action='store_true',
+                        help='SIGKILL the broker and --start a new one, instead of '
+                             '--restart')
     parser.add_argument('--quick', action='store_true',
                         help=f'a sanity run: {QUICK.restarts} restarts')
     parser.add_argument('--restarts', type=int, help='how many restarts to run')
@@ -724,10 +964,9 @@ def main(argv: list[str] | None = None) -> int:
                              'run fails')
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
-    if args.restarts is not None or args.interval is not None:
-        plan = Plan(args.restarts if args.restarts is not None else plan.restarts,
-                    args.interval if args.interval is not None else plan.interval,
-                    plan.budget)
+    plan = Plan(args.restarts if args.restarts is not None else plan.restarts,
+                args.interval if args.interval is not None else plan.interval,
+                plan.budget, args.crash)
     # Ctrl-C or SIGTERM unwinds through the finally blocks, which stop everything.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     return 0 if run(plan, args.keep) else 1

@@ -46,7 +46,7 @@ from ave.broker.rendezvous import BadPresentation, Presentation
 from ave.broker.sessions import adopt_process
 from ave.broker.state import Client, SessionRecord, identity_of, token_digest
 from ave.exceptions import AveException
-from ave.logs import clip
+from ave.logs import Throttle, clip
 from ave.network.connection import Connection
 from ave.network.exceptions import ConnectionClosed
 
@@ -94,12 +94,14 @@ class _Listening:
 
 
 class _Presenter:
-    """A connection at the rendezvous whose session is not adopted yet."""
+    """A connection at the rendezvous whose session is not adopted yet; ``fd`` is the
+    descriptor number it was registered with (the connection may close itself)."""
 
-    __slots__ = ('connection', 'pid', 'state')
+    __slots__ = ('connection', 'fd', 'pid', 'state')
 
     def __init__(self, connection: Connection, pid: int) -> None:
         self.connection = connection
+        self.fd = connection.fileno()
         self.pid = pid
         self.state = PRESENTING
 
@@ -128,6 +130,7 @@ class Adopter:
         self.gathering = False
         self._accounted: set[int] = set()  # pids adopted or refused, for the gather
         self._last_arrival = 0.0
+        self.throttle = Throttle(log)
         server.add_handler(RENDEZVOUS, self._on_listening)
         server.add_handler(PRESENTING, self._on_presenting)
 
@@ -165,7 +168,7 @@ class Adopter:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
-                self.server.throttle.warning('rendezvous', 'rendezvous: cannot accept '
+                self.throttle.warning('rendezvous', 'rendezvous: cannot accept '
                                              '(%s); pausing %g s', error, ACCEPT_PAUSE)
                 self._unregister(item.socket.fileno())
                 self.server.call_later(ACCEPT_PAUSE, self._watch_listener)
@@ -185,7 +188,7 @@ class Adopter:
         elif len(self.presenters) >= MAX_PRESENTERS:
             problem = f'{MAX_PRESENTERS} sessions are presenting already'
         if problem is not None:
-            self.server.throttle.warning('rendezvous', 'rendezvous: refused pid %d: %s',
+            self.throttle.warning('rendezvous', 'rendezvous: refused pid %d: %s',
                                          pid, problem)
             sock.close()
             return
@@ -208,7 +211,7 @@ class Adopter:
             return
         if frame is None:
             return
-        self._unregister(presenter.connection.fileno())
+        self._unregister(presenter.fd)
         presenter.state = CHECKING
         try:
             presentation = rendezvous.parse(frame)
@@ -257,15 +260,16 @@ class Adopter:
         self.presenters.discard(presenter)
         self._accounted.add(presenter.pid)
         if presenter.state == PRESENTING:
-            self._unregister(presenter.connection.fileno())
+            self._unregister(presenter.fd)
         presenter.state = DONE
         if reason is not None:
-            self.server.throttle.warning('rendezvous', 'rendezvous: refused pid %d: %s',
+            self.throttle.warning('rendezvous', 'rendezvous: refused pid %d: %s',
                                          presenter.pid, clip(reason))
         presenter.connection.close()
 
     def _unregister(self, fd: int) -> None:
-        if fd >= 0 and fd in self.server.selector.get_map():
+        """Stop watching ``fd``; by number, which works after it was closed too."""
+        if fd in self.server.selector.get_map():
             self.server.selector.unregister(fd)
 
     # -- adopting ----------------------------------------------------------------------

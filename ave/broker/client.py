@@ -256,8 +256,9 @@ class Broker(RemoteControl):
                 f'once it is back (an answer lost on its way would show in '
                 f'list_allocations())') from None
         if reply.get('token') is not None:
-            self._token = reply['token']
-            self._watch()
+            with self._lock:
+                self._token = reply['token']
+                self._watch()
         host, port = reply['session']
         address = (host or self._address[0], port)
         proxies = tuple(ResourceProxy(address, reply['authkey'], profile, self._timeout)
