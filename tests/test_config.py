@@ -562,3 +562,16 @@ def test_config_error_travels_as_a_typed_exception(home):
     error = ConfigError.at('/p', 'bad', 'port')
     rebuilt = exception_factory(error.details)
     assert type(rebuilt) is ConfigError and str(rebuilt) == "/p: field 'port': bad"
+
+
+@pytest.mark.parametrize('grace', [0, 5.5, 86400])
+def test_crash_grace_is_taken_as_given(home, grace):
+    write_config(home, 'broker.json', {'crash_grace': grace})
+    assert config.load_broker_config(home)['crash_grace'] == grace
+
+
+@pytest.mark.parametrize('grace', [-1, 'soon', True, None, 86401])
+def test_crash_grace_out_of_range_is_refused(home, grace):
+    write_config(home, 'broker.json', {'crash_grace': grace})
+    with pytest.raises(config.ConfigError, match="field 'crash_grace': expected a number"):
+        config.load_broker_config(home)

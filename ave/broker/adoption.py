@@ -128,7 +128,7 @@ class Adopter:
         self.listener: socketlib.socket | None = None
         self.presenters: set[_Presenter] = set()
         self.gathering = False
-        self._accounted: set[int] = set()  # pids adopted or refused, for the gather
+        self._accounted: set[int] = set()  # pids adopted or refused while gathering
         self._last_arrival = 0.0
         self.throttle = Throttle(log)
         server.add_handler(RENDEZVOUS, self._on_listening)
@@ -168,8 +168,8 @@ class Adopter:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
-                self.throttle.warning('rendezvous', 'rendezvous: cannot accept '
-                                             '(%s); pausing %g s', error, ACCEPT_PAUSE)
+                self.throttle.warning('rendezvous', 'rendezvous: cannot accept (%s); '
+                                      'pausing %g s', error, ACCEPT_PAUSE)
                 self._unregister(item.socket.fileno())
                 self.server.call_later(ACCEPT_PAUSE, self._watch_listener)
                 return
@@ -188,8 +188,8 @@ class Adopter:
         elif len(self.presenters) >= MAX_PRESENTERS:
             problem = f'{MAX_PRESENTERS} sessions are presenting already'
         if problem is not None:
-            self.throttle.warning('rendezvous', 'rendezvous: refused pid %d: %s',
-                                         pid, problem)
+            self.throttle.warning('rendezvous', 'rendezvous: refused pid %d: %s', pid,
+                                  problem)
             sock.close()
             return
         connection = Connection(('session', pid), sock)
@@ -203,11 +203,8 @@ class Adopter:
     def _on_presenting(self, presenter: _Presenter, mask: int) -> None:
         try:
             frame = presenter.connection.get()
-        except ConnectionClosed as error:  # it gave up, or sent too much
-            self._refuse(presenter, None if str(error) == 'connection closed' else str(error))
-            return
-        except OSError as error:
-            self._refuse(presenter, str(error))
+        except (ConnectionClosed, OSError) as error:  # it hung up, or sent too much
+            self._refuse(presenter, f'{error} before it presented itself')
             return
         if frame is None:
             return
@@ -258,13 +255,14 @@ class Adopter:
     def _refuse(self, presenter: _Presenter, reason: str | None) -> None:
         """Close without a word; the session tries again later."""
         self.presenters.discard(presenter)
-        self._accounted.add(presenter.pid)
+        if self.gathering:
+            self._accounted.add(presenter.pid)
         if presenter.state == PRESENTING:
             self._unregister(presenter.fd)
         presenter.state = DONE
         if reason is not None:
             self.throttle.warning('rendezvous', 'rendezvous: refused pid %d: %s',
-                                         presenter.pid, clip(reason))
+                                  presenter.pid, clip(reason))
         presenter.connection.close()
 
     def _unregister(self, fd: int) -> None:
@@ -292,7 +290,8 @@ class Adopter:
             key = self._claim(presentation.pid, profile, None)
             if key is not None:
                 record.keys.add(key)
-        self._accounted.add(presentation.pid)
+        if self.gathering:
+            self._accounted.add(presentation.pid)
         self._last_arrival = time.monotonic()
         server.add_connection(link)
         server.notify(link, 'adopted', server.config['crash_grace'])
@@ -380,6 +379,7 @@ class Adopter:
                 self.server.step_main(GATHER_STEP)
         finally:
             self.gathering = False
+            self._accounted.clear()
         adopted = len(expected & {record.pid for record in self.server.state.sessions()})
         log.info('adopted %d of %d sessions in %.2f s', adopted, len(expected),
                  time.monotonic() - began)

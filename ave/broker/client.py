@@ -244,6 +244,12 @@ class Broker(RemoteControl):
         the request ahead of lower ones. On Busy or NoSuch everything this client
         held is released (its earlier proxies stop working) and the exception is
         raised.
+
+        A get in flight when the broker crashes (a waiting one, say) fails with
+        ConnectionClosed saying so; what the client held before stays its own, and
+        get() works again once a broker is back. The answer that was lost may have
+        granted the request: ``list_allocations()`` then shows the items, which stay
+        this client's until it yields them or ends.
         """
         kwargs = _waiting(wait, priority)
         try:
