@@ -39,7 +39,9 @@ resume by themselves. The clients behave as a job written for it would: a broker
 call that meets the outage (the connection lost, a refused connection, a ``get``
 whose answer was lost) is tried again after a short pause, and after a lost ``get``
 the client gives back what ``list_allocations()`` says it holds (an answer that got
-lost may have granted a relay) before it asks again. Each allocation is used for
+lost may have granted a relay) before it asks again; a yield asked again after its
+answer was lost may hear that the relay is no longer the client's, which is right when
+the client resumed as the same holder. Each allocation is used for
 three calls on the relay. The promise: no call on a relay fails, no session is lost
 (a relay held across a crash is still the client's afterwards), and allocating
 pauses only while no broker runs. Only broker calls (get, yield) are timestamps
@@ -281,6 +283,7 @@ class LoadClient:
         self.resource_failed: Counter[str] = Counter()
         self.outage = 0
         self.strays = 0
+        self.lost_yields = 0
 
     def connect(self) -> Broker:
         if self.broker is None:
@@ -360,7 +363,7 @@ class LoadClient:
                         return
                     self.resource_calls += 1
                 try:
-                    self.through_outage(lambda: broker.yield_resources(relay))
+                    self.give_back(broker, relay)
                 except (NotAllocated, NotOwner) as error:  # the resume failed
                     self.lost += 1
                     self.failure(error, False)
@@ -389,6 +392,29 @@ class LoadClient:
                 self.outage += 1
                 time.sleep(OUTAGE_PAUSE)
                 self.through_outage(lambda: self.give_back_strays(broker))
+
+    def give_back(self, broker: Broker, relay: Any) -> None:
+        """``yield_resources``, asked again after an outage. A crash may lose the
+        answer to a yield that was done: asked again, the broker then says the relay
+        is not ours (any more). That is fine as long as this client resumed as the
+        holder it was (its token was accepted); otherwise its session was lost."""
+        answer_lost = False
+        deadline = time.monotonic() + OUTAGE_PATIENCE
+        while True:
+            try:
+                broker.yield_resources(relay)
+                return
+            except ConnectionException:
+                if time.monotonic() > deadline:
+                    raise
+                answer_lost = True
+                self.outage += 1
+                time.sleep(OUTAGE_PAUSE)
+            except (NotAllocated, NotOwner):
+                if not answer_lost or broker._token is None:
+                    raise
+                self.lost_yields += 1
+                return
 
     def give_back_strays(self, broker: Broker) -> None:
         held = broker.list_allocations()
@@ -432,7 +458,8 @@ class LoadClient:
                 'errors': self.errors, 'ended': ended,
                 'resource_calls': self.resource_calls,
                 'resource_failed': dict(self.resource_failed),
-                'outage': self.outage, 'strays': self.strays}
+                'outage': self.outage, 'strays': self.strays,
+                'lost_yields': self.lost_yields}
 
 
 def client_main(address: tuple[str, int], fresh: bool, crash: bool, stop_read: int,
@@ -810,6 +837,8 @@ def crash_rows(outcome: Outcome) -> list[list[str]]:
          '', ''],
         ['relays given back after a lost get answer', str(sum(r['strays'] for r in reports)),
          '', ''],
+        ['yields done whose answer a crash lost',
+         str(sum(r['lost_yields'] for r in reports)), '', ''],
         ['other failures', str(sum(failed.values())), '0', check(not failed)],
         *([f'  {name}', str(count), '', ''] for name, count in sorted(failed.items())),
         ['cycles completed', f'{sum(r["cycles"] for r in reports):,}', '', ''],
