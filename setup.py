@@ -12,7 +12,11 @@ setup(
     packages=find_packages(include=['ave', 'ave.*']),
     python_requires='>=3.11',
     setup_requires=['cffi>=1.15'],
-    install_requires=['psutil', 'pyudev', 'pexpect', 'cffi>=1.15'],
+    # h11 parses HTTP and prometheus_client renders the metrics of the broker's
+    # status page (ave.broker.http); both are in Debian as python3-*.
+    install_requires=['psutil', 'pyudev', 'pexpect', 'cffi>=1.15', 'h11>=0.14',
+                      'prometheus_client>=0.16'],
+    package_data={'ave.broker.http': ['page/*.html', 'page/*.js', 'page/*.css']},
     extras_require={'test': ['pytest', 'pytest-timeout']},
     cffi_modules=['native/build_native.py:ffibuilder'],
     entry_points={

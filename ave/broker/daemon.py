@@ -19,16 +19,14 @@ import logging
 import os
 import secrets
 import signal
-import sys
 import time
 from dataclasses import dataclass
-from logging.handlers import RotatingFileHandler
-from typing import Callable, TextIO
+from typing import Callable
 
 import psutil
 
 from ave import config
-from ave.broker import systemd
+from ave.broker import logfile, systemd
 from ave.broker.server import BrokerServer
 from ave.equipment import EquipmentType, load_types
 from ave.exceptions import AveException
@@ -38,10 +36,6 @@ log = logging.getLogger(__name__)
 #: The process name BrokerServer gives itself (prctl); how a live broker is recognised.
 PROC_NAME = 'ave-broker'
 
-LOG_FILE = 'broker.log'
-LOG_MAX_BYTES = 10 * 1024 * 1024
-LOG_BACKUPS = 5
-LOG_FORMAT = '%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s'
 
 #: Slack when comparing a process's start time with the pid file's mtime: the two
 #: clocks are read with different granularity (clock ticks versus nanoseconds).
@@ -118,15 +112,12 @@ class BrokerDaemon(BrokerServer):
         daemon to exit before it saw end-of-file.
         """
         if self.foreground:
-            logging.basicConfig(handlers=[logging.StreamHandler(sys.stderr)],
-                                level=logging.INFO, format=LOG_FORMAT, force=True)
+            logfile.log_to_stderr()
             return
         os.chdir('/')  # do not keep the caller's working directory busy
         _stdin_from_devnull()
         os.makedirs(log_dir(self.home), exist_ok=True)
-        handler = _StdioRotatingHandler(os.path.join(log_dir(self.home), LOG_FILE))
-        logging.basicConfig(handlers=[handler], level=logging.INFO, format=LOG_FORMAT,
-                            force=True)
+        logfile.log_to_file(os.path.join(log_dir(self.home), logfile.LOG_FILE))
 
     def initialize(self) -> None:
         """Install signal handling, then announce the pid: the broker is ready.
@@ -362,42 +353,6 @@ def wait_for_exit(process: psutil.Process, timeout: float) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
-
-
-# -- logging ----------------------------------------------------------------------------
-
-class _StdioRotatingHandler(RotatingFileHandler):
-    """A rotating log written through descriptor 2, with descriptor 1 beside it.
-
-    Stray output and tracebacks land in the current log file, and the handler
-    survives ``Process.close_fds()`` in the sessions forked from the broker, which
-    keeps 0, 1 and 2 and closes everything else. Only the process that made the
-    handler rotates: two processes renaming the same files would shuffle them, so a
-    session writes to the file that was current when it was forked.
-    """
-
-    def __init__(self, path: str) -> None:
-        self._owner = os.getpid()
-        super().__init__(path, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS,
-                         encoding='utf-8')
-
-    def _open(self) -> TextIO:
-        """Open the current file onto descriptors 1 and 2 and write through 2.
-
-        The logging module calls this when the handler is made and after each
-        rotation; the stream must not own descriptor 2, or rotating would close it.
-        """
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        fd = os.open(self.baseFilename, flags, 0o644)
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-        return open(2, 'a', encoding=self.encoding, errors=self.errors, closefd=False)
-
-    def shouldRollover(self, record: logging.LogRecord) -> bool:
-        return os.getpid() == self._owner and bool(super().shouldRollover(record))
 
 
 def _stdin_from_devnull() -> None:

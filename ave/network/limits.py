@@ -52,8 +52,10 @@ class Limits:
                 log.warning('cannot raise the descriptor limit to %d: %s', new_soft, error)
         if soft == resource.RLIM_INFINITY or soft >= wanted:
             return self
-        fitted = max(1, soft - DESCRIPTOR_MARGIN)
+        fitted = max(2, soft - DESCRIPTOR_MARGIN)
         log.warning('at most %d connections: the descriptor limit is %d (raise '
                     'LimitNOFILE to allow the configured %d)', fitted, soft, self.connections)
+        # One address may not take every place: the others must still get in.
         return replace(self, connections=fitted,
-                       connections_per_address=min(self.connections_per_address, fitted))
+                       connections_per_address=min(self.connections_per_address,
+                                                   fitted // 2))

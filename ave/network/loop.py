@@ -90,6 +90,18 @@ class EventLoop(Process):
         self._handlers: dict[str, Callable[[Any, int], None]] = {
             JOINING: self._on_joining, WAKING: self._on_waking}
 
+    @property
+    def selector(self) -> selectors.BaseSelector:
+        """The loop's selector, for services that watch descriptors of their own."""
+        return self._loop()
+
+    def add_handler(self, state: str, handler: Callable[[Any, int], None]) -> None:
+        """Dispatch events of registered objects whose ``state`` is ``state`` to
+        ``handler(item, mask)``."""
+        if state in self._handlers:
+            raise ValueError(f'a handler for {state!r} exists already')
+        self._handlers[state] = handler
+
     # -- hooks for subclasses ----------------------------------------------------------
 
     def joined_process(self, pid: int, exit: int | None) -> None:

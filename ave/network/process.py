@@ -7,6 +7,7 @@ installed its signal handlers and finished initializing, or why it failed.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging as logginglib
 import os
@@ -170,6 +171,10 @@ class Process:
                 _send_report(report_fd, {'pid': self.pid})
                 reported = True
             self.close_fds([report_fd] if not reported else [])
+            # Unreachable socket and selector objects of the parent close their
+            # descriptor numbers when collected; collect them now, while those
+            # numbers are closed, not later when the child may have reused them.
+            gc.collect()
             self.redirect()
             self.initialize()
             # Unblock explicitly: a parent that forks us from its own initialize()

@@ -96,10 +96,13 @@ class BrokerHome:
     def command(self, *args: str) -> list[str]:
         return [*CLI, *args, '--home', self.home]
 
-    def cli(self, *args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
-        """Run ``ave-broker ARGS --home HOME`` to completion; text stdout and stderr."""
-        return subprocess.run(self.command(*args), capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL)
+    def cli(self, *args: str, timeout: float = CLI_TIMEOUT,
+            prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        """Run ``ave-broker ARGS --home HOME`` to completion; text stdout and stderr.
+
+        ``prefix`` runs it through another command (``prlimit --nofile=...``)."""
+        return subprocess.run([*prefix, *self.command(*args)], capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
     def popen(self, *args: str, **kwargs: Any) -> subprocess.Popen:
         """Start ``ave-broker ARGS --home HOME`` without waiting; killed at teardown."""
@@ -107,19 +110,19 @@ class BrokerHome:
         self._popens.append(process)
         return process
 
-    def start(self) -> BrokerHome:
+    def start(self, prefix: tuple[str, ...] = ()) -> BrokerHome:
         """``--start`` the broker; the test fails here, showing stderr, if it cannot.
 
         A port the fixture picked can be taken by someone else's connection between
         the pick and the bind; then another port is tried, a few times at most.
         """
-        result = self.cli('--start')
+        result = self.cli('--start', prefix=prefix)
         for _ in range(PORT_RETRIES):
             if not (self.port_was_picked and 'Address already in use' in result.stderr):
                 break
             self.port = free_port()
             self.write_broker_json({**self.broker_json, 'port': self.port})
-            result = self.cli('--start')
+            result = self.cli('--start', prefix=prefix)
         assert result.returncode == 0, f'ave-broker --start failed: {result.stderr}'
         self.pid = int(result.stdout)
         return self
@@ -194,21 +197,23 @@ def free_port() -> int:
 
 @pytest.fixture
 def broker_home(tmp_path):
-    """Factory: ``broker_home(equipment=(), stacks=(), **broker_json) -> BrokerHome``.
+    """Factory: ``broker_home(equipment=(), stacks=(), at=None, **broker_json) -> BrokerHome``.
 
     The home gets default configuration (``ave.config.create_default``) and a
     broker.json on 127.0.0.1 with a free port; keyword arguments are written into
-    broker.json as given (``port='x'`` makes a bad one). Nothing is started.
+    broker.json as given (``port='x'`` makes a bad one). ``at`` puts the home at
+    that path instead of under tmp_path. Nothing is started.
     """
     homes: list[BrokerHome] = []
 
-    def make(equipment=(), stacks=(), **broker_json: Any) -> BrokerHome:
+    def make(equipment=(), stacks=(), at: str | None = None,
+             **broker_json: Any) -> BrokerHome:
         content = {'host': '127.0.0.1', 'port': free_port(), **broker_json}
         if equipment:
             content['equipment'] = list(equipment)
         if stacks:
             content['stacks'] = list(stacks)
-        home = BrokerHome(str(tmp_path / f'home{len(homes)}'), content)
+        home = BrokerHome(at or str(tmp_path / f'home{len(homes)}'), content)
         home.port_was_picked = 'port' not in broker_json
         homes.append(home)
         return home
