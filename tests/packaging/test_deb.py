@@ -175,7 +175,7 @@ class DebianRoot:
     def broker_pid(self) -> int:
         """The pid (in the root) that ``ave-broker --status`` reports, run as root."""
         status = self.run('ave-broker', '--status', check=False)
-        match = re.fullmatch(r'running, pid (\d+)\n', status.stdout)
+        match = re.match(r'running, pid (\d+)\n', status.stdout)
         assert status.returncode == 0 and match, \
             f'ave-broker --status: {status.stdout}{status.stderr}'
         return int(match.group(1))
