@@ -13,7 +13,9 @@ mistake it can pin down::
 Pure logic without I/O. The request comes from a client, so everything of it that
 appears in a hint is cut short, and so are the lists of known keys and values: a
 hint stays one line of a few hundred characters whatever the request or the lab.
-The cost is linear in the number of known profiles times the keys of the request.
+The cost is linear in the size of the known profiles times the keys of the
+request; close matches are only looked for to words of up to MATCH_LIMIT
+characters, because comparing two words costs the square of their length.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ from typing import Any
 SHOWN = 8
 #: How many characters of one key or value a hint shows.
 CLIP = 40
+#: The longest word a hint looks for a close match to.
+MATCH_LIMIT = 100
 
 _MISSING = object()
 
@@ -105,34 +109,52 @@ def _no_single_match(name: str, wanted: list[tuple[str, Any]],
 
 def _nearest(word: Any, choices: list[str], what: str = 'keys') -> str:
     """'did you mean ...?' when a choice is close to ``word``, else the choices."""
-    if isinstance(word, str):
-        close = difflib.get_close_matches(word, choices, n=1)
-        if close:
-            return f'did you mean {_quoted(close[0])}?'
+    close = _only_close_match(word, choices)
+    if close is not None:
+        return f'did you mean {_quoted(close)}?'
     return f'{what}: {_listed(choices)}' if choices else f'no {what} known'
 
 
 def _known_values(value: Any, values: list[Any]) -> str:
     """The known values, with a note when the request's value is a string and the
     lab's are not: values compare exactly, so '4' never matches 4."""
-    strings = sorted(str(v) for v in values if isinstance(v, str))
-    if isinstance(value, str):
-        close = difflib.get_close_matches(value, strings, n=1)
-        if close:
-            return f'did you mean {_quoted(close[0])}?'
+    close = _only_close_match(value, [v for v in values if isinstance(v, str)])
+    if close is not None:
+        return f'did you mean {_quoted(close)}?'
     text = 'known: ' + _listed([_plain(v) for v in values])
     if isinstance(value, str) and any(not isinstance(v, str) for v in values):
         text += '; values compare exactly, so give a non-string value as JSON'
     return text
 
 
+def _only_close_match(word: Any, choices: list[str]) -> str | None:
+    """The choice closest to ``word`` when it is close and no other is as close;
+    otherwise None (the list of choices then says more than a guess would).
+
+    A word longer than MATCH_LIMIT is nobody's typo and is not compared: matching
+    costs time quadratic in its length.
+    """
+    if not isinstance(word, str) or len(word) > MATCH_LIMIT:
+        return None
+    close = difflib.get_close_matches(word, choices, n=2)
+    if not close:
+        return None
+    if len(close) == 2 and _ratio(word, close[0]) == _ratio(word, close[1]):
+        return None
+    return close[0]
+
+
+def _ratio(word: str, choice: str) -> float:
+    return difflib.SequenceMatcher(None, word, choice).ratio()
+
+
 def _distinct(values: Iterable[Any]) -> list[Any]:
-    """Values without repeats, in order of appearance (lists and dicts included)."""
-    seen: list[Any] = []
+    """Values without repeats, in order of appearance; told apart by their JSON so
+    that lists and objects count too, in linear time."""
+    seen: dict[str, Any] = {}
     for value in values:
-        if value not in seen:
-            seen.append(value)
-    return seen
+        seen.setdefault(_json(value), value)
+    return list(seen.values())
 
 
 def _listed(items: list[str]) -> str:
