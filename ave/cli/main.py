@@ -106,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     words, command_line = _split_command(words)
     parser = build_parser()
+    if words and words[0].startswith('-') and words[0] not in ('-h', '--help', '--version'):
+        parser.error(f'options follow the command, as in: ave list {words[0]} ...')
     args = parser.parse_args(words)
     try:
         _finish_parsing(args, command_line)

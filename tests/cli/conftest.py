@@ -109,16 +109,21 @@ class Running:
         self.process.send_signal(signum)
 
     def finish(self, timeout: float = TIMEOUT) -> tuple[int, str, str]:
-        """Wait for the end; the exit status, the rest of stdout, and stderr."""
+        """Close stdin and wait for the end; the exit status, the rest of stdout, and
+        stderr."""
         if self.process.stdin is not None:
             self.process.stdin.close()
+            self.process.stdin = None
         out, err = self.process.communicate(timeout=timeout)
         return self.process.returncode, (self._out + out).decode(), err.decode()
 
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
-        self.process.communicate(timeout=TIMEOUT)
+        self.process.wait(TIMEOUT)
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def _with_home(args: tuple[str, ...], home: str) -> list[str]:
