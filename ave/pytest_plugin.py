@@ -35,6 +35,8 @@ import pytest
 
 MARKER = 'ave'
 _MARKER_KEYWORDS = ('wait', 'priority')
+#: Longest wait, after a test, for its equipment to be reset by the broker.
+RELEASE_WAIT = 60.0
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -86,8 +88,14 @@ def ave_broker(request: pytest.FixtureRequest) -> Iterator[Any]:
 
 
 @pytest.fixture
-def ave_resources(request: pytest.FixtureRequest, ave_broker: Any) -> tuple:
-    """The equipment ``@pytest.mark.ave`` asked for, as proxies in profile order."""
+def ave_resources(request: pytest.FixtureRequest, ave_broker: Any) -> Iterator[tuple]:
+    """The equipment ``@pytest.mark.ave`` asked for, as proxies in profile order.
+
+    After the test it is given back, and the fixture waits (up to RELEASE_WAIT
+    seconds) until the broker has reset it, so that the next test asking for the
+    same equipment finds it available rather than still being released.
+    """
+    from ave.cli.holding import release
     from ave.exceptions import AveException
     from ave.network.exceptions import ConnectionException
 
@@ -105,7 +113,9 @@ def ave_resources(request: pytest.FixtureRequest, ave_broker: Any) -> tuple:
         granted = ave_broker.get(*profiles, **marker.kwargs)
     except (AveException, ConnectionException, ValueError) as error:
         pytest.fail(f'ave: {type(error).__name__}: {error}', pytrace=False)
-    return granted if isinstance(granted, tuple) else (granted,)
+    proxies = granted if isinstance(granted, tuple) else (granted,)
+    yield proxies
+    release(ave_broker, [proxy.profile for proxy in proxies], RELEASE_WAIT)
 
 
 def _request(value: Any) -> Any:

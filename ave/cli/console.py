@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 from ave.broker.client import ResourceProxy
 from ave.cli.connect import Failure, client, identities, identity_value, target_of
-from ave.cli.holding import allocate, signals_interrupt
+from ave.cli.holding import allocate, release, signals_interrupt
 from ave.cli.table import profile_text
 
 #: Ctrl-], the key that ends the console (telnet's choice, so fingers know it).
@@ -44,6 +44,7 @@ def console_command(args: argparse.Namespace) -> int:
             print(f'ave: console {name}; Ctrl-] ends it', file=sys.stderr, flush=True)
         with _raw(sys.stdin.fileno()) if interactive else contextlib.nullcontext():
             pump(console, sys.stdin.fileno(), sys.stdout.fileno())
+        release(broker, [console.profile])
     return 0
 
 

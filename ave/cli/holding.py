@@ -37,6 +37,9 @@ from ave.network.exceptions import ConnectionException
 POLL = 1.0
 #: How long ``ave run`` gives its command to end after SIGTERM, once the hold is lost.
 STOP_GRACE = 10.0
+#: How long a command waits, once done, for the broker to reset what it gave back.
+RELEASE_WAIT = 30.0
+RELEASE_POLL = 0.05
 
 
 def hold_command(args: argparse.Namespace) -> int:
@@ -51,6 +54,7 @@ def hold_command(args: argparse.Namespace) -> int:
                     print(f'holding {line}', flush=True)
             print('ave: holding until Ctrl-C', file=sys.stderr, flush=True)
             _hold(broker, profiles, None)
+        release(broker, profiles)
     return 0
 
 
@@ -68,6 +72,7 @@ def relay_command(args: argparse.Namespace) -> int:
             print(f'ave: holding {name} {until}; releasing it puts every circuit back to '
                   'its default', file=sys.stderr, flush=True)
             _hold(broker, [relay.profile], args.hold_for)
+        release(broker, [relay.profile])
     return 0
 
 
@@ -82,7 +87,9 @@ def run_command(args: argparse.Namespace) -> int:
         except OSError as error:
             print(f'ave: cannot run {args.command_line[0]}: {error.strerror}', file=sys.stderr)
             return 127 if isinstance(error, FileNotFoundError) else 126
-        return _supervise(broker, profiles, child, args.command_line)
+        status = _supervise(broker, profiles, child, args.command_line)
+        release(broker, profiles)
+        return status
 
 
 def kick_command(args: argparse.Namespace) -> int:
@@ -162,6 +169,33 @@ def _the_held_item(broker: Broker, profile: dict) -> dict:
 
 
 # -- holding ----------------------------------------------------------------------------
+
+def release(broker: Broker, profiles: list[dict], wait: float = RELEASE_WAIT) -> None:
+    """Give ``profiles`` back and wait (up to ``wait`` seconds) until the broker has
+    reset them, so that the next command of a script finds them available, not
+    still being released.
+
+    Equipment already gone back (the session ended, the broker stopped) is no
+    failure: it is released either way, and the disconnect that follows releases
+    whatever is left.
+    """
+    known = identities()
+    mine = {(p.get('type'), identity_value(p, known)) for p in profiles}
+    deadline = time.monotonic() + wait
+    try:
+        broker.yield_resources(*profiles)
+        while time.monotonic() < deadline:
+            releasing = [entry for entry in broker.equipment()
+                         if isinstance(entry, dict) and isinstance(entry.get('profile'), dict)
+                         and entry.get('state') == 'releasing'
+                         and (entry['profile'].get('type'),
+                              identity_value(entry['profile'], known)) in mine]
+            if not releasing:
+                return
+            time.sleep(RELEASE_POLL)
+    except (AveException, ConnectionException):
+        return
+
 
 def _hold(broker: Broker, profiles: list[dict], seconds: float | None) -> None:
     """Keep the hold for ``seconds`` (None: until interrupted); Failure if the broker

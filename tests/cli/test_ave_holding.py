@@ -127,6 +127,13 @@ def test_run_holds_while_the_command_runs(lab, ave, tmp_path):
         'the default job label is the command line'
 
 
+def test_run_returns_once_the_equipment_is_free_so_scripts_can_go_on(ave):
+    for _ in range(3):
+        result = ave('run', 'relay,uid=r1', '--', 'true')
+        assert result.returncode == 0, result.stderr
+        assert states(ave)['r1'] == 'available', 'ave run returned before the release'
+
+
 def test_options_follow_the_subcommand_and_the_command_follows_double_dash(lab, ave):
     result = ave.plain('run', '--home', lab.home, '--wait', '5', 'relay,uid=r1', '--',
                        'sh', '-c', 'test -n "$AVE_RESOURCES"')
