@@ -342,6 +342,14 @@ def test_install_puts_commands_extension_and_unit_in_place(installed):
     installed.run('/usr/bin/python3', '-c', 'import ave._native')
 
 
+def test_install_puts_ave_its_manual_and_its_completion_in_place(installed):
+    for path in ('/usr/bin/ave', '/usr/share/man/man1/ave.1.gz',
+                 '/usr/share/bash-completion/completions/ave'):
+        assert os.path.isfile(installed.file(path)), f'{path} is not installed'
+    listed = installed.run('ave', 'list', '--all', check=False)
+    assert listed.returncode == 0, f'ave list --all: {listed.stderr}'
+
+
 def test_unit_passes_systemd_analyze_verify(installed):
     result = installed.run('systemd-analyze', 'verify', '--man=no', UNIT, check=False)
     assert result.returncode == 0 and not result.stderr, \
