@@ -8,6 +8,7 @@ home's authkeys.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,6 +89,7 @@ def admin_key(home: str) -> str:
     return key
 
 
+@functools.cache
 def identities() -> dict[str, str]:
     """Each installed equipment type's identity key (``uid``, ``serial``); a broken
     plug-in leaves the others usable, since only the display depends on it."""
@@ -101,3 +103,8 @@ def identity_value(profile: dict, known: dict[str, str]) -> str:
     """The value that names an item among those of its type ('r1', a serial number)."""
     value = profile.get(known.get(str(profile.get('type')), 'uid'), '')
     return value if isinstance(value, str) else str(value)
+
+
+def item_key(profile: dict) -> tuple[str, str]:
+    """``(type, identity value)``: one item, whatever else its profile says now."""
+    return str(profile.get('type')), identity_value(profile, identities())

@@ -27,7 +27,7 @@ from ave.broker.client import ResourceProxy, job_label
 from ave.broker.exceptions import Busy, NoSuch
 from ave.broker.suggest import first_hint
 from ave.cli.connect import (Failure, admin_key, client, home_of, identities,
-                             identity_value, target_of)
+                             identity_value, item_key, target_of)
 from ave.cli.profiles import Request
 from ave.cli.table import holder_text, profile_text
 from ave.exceptions import AveException
@@ -179,18 +179,15 @@ def release(broker: Broker, profiles: list[dict], wait: float = RELEASE_WAIT) ->
     failure: it is released either way, and the disconnect that follows releases
     whatever is left.
     """
-    known = identities()
-    mine = {(p.get('type'), identity_value(p, known)) for p in profiles}
+    mine = {item_key(profile) for profile in profiles}
     deadline = time.monotonic() + wait
     try:
         broker.yield_resources(*profiles)
         while time.monotonic() < deadline:
-            releasing = [entry for entry in broker.equipment()
-                         if isinstance(entry, dict) and isinstance(entry.get('profile'), dict)
-                         and entry.get('state') == 'releasing'
-                         and (entry['profile'].get('type'),
-                              identity_value(entry['profile'], known)) in mine]
-            if not releasing:
+            if not any(isinstance(entry, dict) and isinstance(entry.get('profile'), dict)
+                       and entry.get('state') == 'releasing'
+                       and item_key(entry['profile']) in mine
+                       for entry in broker.equipment()):
                 return
             time.sleep(RELEASE_POLL)
     except (AveException, ConnectionException):
@@ -236,14 +233,12 @@ def _supervise(broker: Broker, profiles: list[dict], child: subprocess.Popen,
 
 
 def _check_held(broker: Broker, profiles: list[dict]) -> None:
-    known = identities()
     try:
-        held = {(p.get('type'), identity_value(p, known)) for p in broker.list_allocations()
-                if isinstance(p, dict)}
+        held = {item_key(p) for p in broker.list_allocations() if isinstance(p, dict)}
     except (AveException, ConnectionException) as error:
         raise Failure(f'lost the hold: {error}') from None
     lost = [line for line, profile in zip(_held_lines(profiles), profiles)
-            if (profile.get('type'), identity_value(profile, known)) not in held]
+            if item_key(profile) not in held]
     if lost:
         raise Failure(f'lost the hold on {", ".join(lost)}: the broker ended it '
                       '(ave kick, or the session holding it ended)')

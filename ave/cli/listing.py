@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from ave.cli.connect import Failure, Target, client, identities, identity_value, target_of
-from ave.cli.table import holder_text, profile_text, render, age_text, since_text
+from ave.cli.table import age_text, holder_text, profile_text, render, since_text
 
 STATES = ('available', 'held', 'releasing', 'offline')
 
