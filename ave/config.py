@@ -53,7 +53,14 @@ LIMITS: dict[str, tuple[int | float, int | float, int | float]] = {
     'sessions_per_address': (256, 1, 65536),
 }
 _REMOTE_KEYS = ('host', 'port', 'policy', 'authkey')
-_WORKSPACE_KEYS = ('root', 'tools', 'pretty')
+_WORKSPACE_KEYS = ('root', 'tools', 'pretty', 'limits')
+_WORKSPACE_LIMIT_KEYS = ('unzip_max_bytes', 'unzip_max_entries')
+
+#: workspace.json ``limits`` defaults: what one ``unzip`` of a job's archive may write.
+#: 4 GiB and 100,000 members hold any build a handset test unpacks, and stop an
+#: archive built to fill the disk other jobs share.
+DEFAULT_UNZIP_MAX_BYTES = 4 * 1024 ** 3
+DEFAULT_UNZIP_MAX_ENTRIES = 100_000
 _ETC_KEYS = ('name', 'home')
 
 # Errors from os.link() meaning "this file system has no hard links", not "failed".
@@ -268,7 +275,7 @@ def load_broker_config(home: str,
     path = os.path.join(config_dir(home), 'broker.json')
     check = _Checker(path)
     data = check.json_object(None, _read_json(path), BROKER_KEYS)
-    config = {
+    config: dict[str, Any] = {
         'host': check.string('host', data.get('host', DEFAULT_HOST)),
         'port': check.port('port', data.get('port', DEFAULT_PORT)),
         'stacks': _stacks(check, data.get('stacks', [])),
@@ -333,17 +340,29 @@ def _check_entry(check: _Checker, field: str, entry: dict,
 def load_workspace_config(home: str) -> dict[str, Any]:
     """The checked content of ``<home>/.ave/config/workspace.json`` with defaults filled in.
 
-    Returns ``{'root': absolute path, 'tools': {name: path}, 'pretty': str or None}``.
-    ``root`` may start with ``~``; it defaults to ``<home>/.ave/workspaces``.
+    Returns ``{'root': absolute path, 'tools': {name: path}, 'pretty': str or None,
+    'limits': {'unzip_max_bytes': int, 'unzip_max_entries': int}}``. ``root`` may
+    start with ``~``; it defaults to ``<home>/.ave/workspaces``. ``limits`` caps what
+    one unzip of a job's archive may write: the total bytes its members declare
+    (default 4 GiB) and how many members it has (default 100,000); each key is
+    optional and must be an integer above 0.
     """
     path = os.path.join(config_dir(home), 'workspace.json')
     check = _Checker(path)
     data = check.json_object(None, _read_json(path), _WORKSPACE_KEYS)
     root = data.get('root', os.path.join(os.path.abspath(home), '.ave', 'workspaces'))
     tools = check.json_object('tools', data.get('tools', {}))
+    limits = check.json_object('limits', data.get('limits', {}), _WORKSPACE_LIMIT_KEYS)
     return {'root': check.absolute_path('root', root),
             'tools': {name: check.string(f'tools.{name}', tool) for name, tool in tools.items()},
-            'pretty': check.string_or_null('pretty', data.get('pretty'))}
+            'pretty': check.string_or_null('pretty', data.get('pretty')),
+            'limits': {
+                'unzip_max_bytes': check.positive_int(
+                    'limits.unzip_max_bytes', limits.get('unzip_max_bytes',
+                                                         DEFAULT_UNZIP_MAX_BYTES)),
+                'unzip_max_entries': check.positive_int(
+                    'limits.unzip_max_entries', limits.get('unzip_max_entries',
+                                                           DEFAULT_UNZIP_MAX_ENTRIES))}}
 
 
 # --- reading and checking JSON ----------------------------------------------------
@@ -468,6 +487,11 @@ class _Checker:
         if value not in choices:
             raise self.error(field, f'expected one of {", ".join(map(json.dumps, choices))}, '
                                     f'got {_shown(value)}')
+        return value
+
+    def positive_int(self, field: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.error(field, f'expected an integer above 0, got {_shown(value)}')
         return value
 
     def absolute_path(self, field: str, value: Any) -> str:

@@ -121,7 +121,7 @@ def exception_factory(details: dict) -> AveException:
     """
     if not isinstance(details, dict):
         details = {'message': str(details)}
-    cls = _REGISTRY.get(details.get('type'), AveException)
+    cls = _REGISTRY.get(str(details.get('type')), AveException)
     exc = cls.__new__(cls)
     AveException._set_details(exc, details)
     return exc

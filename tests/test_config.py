@@ -520,13 +520,21 @@ def test_equipment_check_failure_names_the_entry(home):
 def test_empty_workspace_config_gets_every_default(home):
     write_config(home, 'workspace.json', {})
     assert config.load_workspace_config(home) == {
-        'root': os.path.join(home, '.ave', 'workspaces'), 'tools': {}, 'pretty': None}
+        'root': os.path.join(home, '.ave', 'workspaces'), 'tools': {}, 'pretty': None,
+        'limits': {'unzip_max_bytes': 4 * 1024 ** 3, 'unzip_max_entries': 100_000}}
 
 
 def test_workspace_config_is_returned_as_written(home):
-    content = {'root': '/srv/ws', 'tools': {'git': '/usr/bin/git'}, 'pretty': 'lab'}
+    content = {'root': '/srv/ws', 'tools': {'git': '/usr/bin/git'}, 'pretty': 'lab',
+               'limits': {'unzip_max_bytes': 1024, 'unzip_max_entries': 3}}
     write_config(home, 'workspace.json', content)
     assert config.load_workspace_config(home) == content
+
+
+def test_workspace_limits_missing_from_the_object_get_their_defaults(home):
+    write_config(home, 'workspace.json', {'limits': {'unzip_max_entries': 10}})
+    assert config.load_workspace_config(home)['limits'] == {
+        'unzip_max_bytes': config.DEFAULT_UNZIP_MAX_BYTES, 'unzip_max_entries': 10}
 
 
 def test_workspace_root_may_start_with_tilde(home):
@@ -543,6 +551,17 @@ BAD_WORKSPACE = [
     ({'tools': {'git': ''}}, 'tools.git', 'expected a non-empty string, got ""'),
     ({'pretty': 5}, 'pretty', 'expected a string or null, got 5'),
     ({'tool': {}}, 'tool', "unknown key (did you mean 'tools'?)"),
+    ({'limits': 5}, 'limits', 'expected an object, got 5'),
+    ({'limits': {'unzip_bytes': 5}}, 'limits.unzip_bytes',
+     "unknown key (did you mean 'unzip_max_bytes'?)"),
+    ({'limits': {'unzip_max_bytes': 0}}, 'limits.unzip_max_bytes',
+     'expected an integer above 0, got 0'),
+    ({'limits': {'unzip_max_bytes': 1.5}}, 'limits.unzip_max_bytes',
+     'expected an integer above 0, got 1.5'),
+    ({'limits': {'unzip_max_entries': True}}, 'limits.unzip_max_entries',
+     'expected an integer above 0, got true'),
+    ({'limits': {'unzip_max_entries': '10'}}, 'limits.unzip_max_entries',
+     'expected an integer above 0, got "10"'),
 ]
 
 

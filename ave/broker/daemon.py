@@ -135,8 +135,14 @@ class BrokerDaemon(BrokerServer):
         if self.foreground:
             signal.signal(signal.SIGINT, self.handle_SIGTERM)  # Ctrl-C stops it cleanly
         self._publish_pid()
-        log.info('broker started: pid %d, listening on %s:%d, home %s',
-                 os.getpid(), self.config['host'], self.port, self.home)
+        log.info('broker started: pid %d, listening on %s:%d, home %s, isolation %s',
+                 os.getpid(), self.config['host'], self.port, self.home,
+                 self.isolation.describe())
+        if self.isolation.mode == 'auto' and not self.isolation.enabled:
+            log.warning('JOBS ARE NOT ISOLATED: their commands run unsandboxed and can '
+                        'read this home and other jobs\' files (%s); install '
+                        'bubblewrap, or set "isolation": "off" to silence this',
+                        self.isolation.problem)
         for account in ('admin', 'share'):
             if not self.alt_keys.get(account):
                 log.warning('authkeys.json has no %s key: every client may make %s calls',

@@ -14,11 +14,11 @@ floods the log fills at most the configured number of files.
 from __future__ import annotations
 
 import fcntl
+import io
 import logging
 import os
 import sys
 from logging.handlers import RotatingFileHandler
-from typing import TextIO
 
 LOG_FILE = 'broker.log'
 LOG_MAX_BYTES = 10 * 1024 * 1024
@@ -34,7 +34,7 @@ class SharedRotatingHandler(RotatingFileHandler):
         self._lock_path = f'{path}.lock'
         super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding='utf-8')
 
-    def _open(self) -> TextIO:
+    def _open(self) -> io.TextIOWrapper:
         """Open the current file onto descriptors 1 and 2 and write through 2.
 
         The logging module calls this when the handler is made and after each

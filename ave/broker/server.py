@@ -10,9 +10,12 @@ becomes available again once it has been torn down.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+from dataclasses import dataclass
 from typing import Any, Callable
 
+from ave import sandbox
 from ave.broker import takeover
 from ave.broker.allocator import Allocator, Key
 from ave.broker.exceptions import Busy, NoSuch
@@ -36,6 +39,8 @@ MAX_PROFILES_PER_GET = 64
 class BrokerServer(Control):
     """Allocates equipment by profile; see DESIGN.md, section Broker."""
 
+    home: str  # always given: the broker's files live there
+
     def __init__(self, home: str, config: dict, authkeys: dict,
                  types: dict[str, EquipmentType], type_settings: dict[str, dict],
                  socket: Any = None, logging: bool = False,
@@ -54,6 +59,7 @@ class BrokerServer(Control):
         self.state = BrokerState()
         self.keeper = SessionKeeper(self)
         self.lister: Process | None = None
+        self.isolation = Isolation.decide(config['isolation'])
 
     # -- client RPCs -------------------------------------------------------------------
 
@@ -244,6 +250,15 @@ class BrokerServer(Control):
         """What must succeed before this broker serves (a successor: before the old
         broker lets go). Subclasses add the pid file and the like."""
 
+    def hidden_paths(self) -> tuple[str, ...]:
+        """What a job's commands must not see: this home's AVE files and every
+        workspace (a session's own are mounted back on top)."""
+        paths = [os.path.join(self.home, '.ave')]
+        root = self.allocator.type_settings.get('workspace', {}).get('root')
+        if root:
+            paths.append(root)
+        return tuple(paths)
+
     def _sweeps(self) -> dict[str, tuple[dict, set[str]]]:
         """Every type that leaves things on disk, with the identities still in use."""
         in_use: dict[str, set[str]] = {name: set() for name in self.types}
@@ -287,6 +302,7 @@ class BrokerServer(Control):
         if not listed or not self.keep_going:
             return
         from ave.broker.lister import Lister
+        assert self.port is not None
         self.lister = Lister((self.config['host'], self.port), self.alt_keys.get('share'),
                              listed, self.allocator.type_settings, self.home,
                              logging=self.logging)
@@ -336,6 +352,29 @@ class BrokerServer(Control):
             self._lister_ended(exit)
             return
         self.keeper.ended(pid, exit)
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """Whether jobs' commands run sandboxed, as broker.json asked and the host allows."""
+
+    mode: str
+    enabled: bool
+    problem: str | None
+
+    @classmethod
+    def decide(cls, mode: str) -> Isolation:
+        """Probe the sandbox (not for ``off``); ``required`` without one raises
+        SandboxUnavailable, with the reason, before anything starts."""
+        problem = None if mode == 'off' else sandbox.probe()
+        return cls(mode, sandbox.enabled_for(mode, problem), problem)
+
+    def describe(self) -> str:
+        if self.enabled:
+            return 'on'
+        if self.mode == 'off':
+            return 'off (broker.json says "isolation": "off")'
+        return f'off: {self.problem}'
 
 
 def limits_of(config: dict) -> Limits:

@@ -19,6 +19,7 @@ import socket as socketlib
 import threading
 from typing import Any, Callable
 
+from ave import sandbox
 from ave.broker.exceptions import NotAllocated
 from ave.equipment import EquipmentType, Resource
 from ave.exceptions import AuthError, AveException, details_of
@@ -97,8 +98,14 @@ class _Then:
 
     def __init__(self, on_result: Callable[[Any], None],
                  on_failure: Callable[[BaseException], None]) -> None:
-        self.result = on_result
-        self.fail = on_failure
+        self._on_result = on_result
+        self._on_failure = on_failure
+
+    def result(self, value: Any = None) -> None:
+        self._on_result(value)
+
+    def fail(self, error: BaseException) -> None:
+        self._on_failure(error)
 
 
 class Session(Control):
@@ -106,12 +113,15 @@ class Session(Control):
 
     def __init__(self, listener: socketlib.socket, authkey: str,
                  broker_socket: socketlib.socket, types: dict[str, EquipmentType],
-                 home: str | None = None, logging: bool = False) -> None:
+                 home: str | None = None, logging: bool = False,
+                 isolated: bool = False, hidden: tuple[str, ...] = ()) -> None:
         super().__init__(0, authkey=authkey, socket=listener, home=home,
                          proc_name='ave-broker-session', logging=logging)
         self.broker = Connection(('broker', 0), broker_socket)
         self.types = types
         self.hosted: dict[Key, Hosted] = {}
+        self.isolated = isolated
+        self.hidden = hidden
 
     def close_fds(self, exclude: list[int]) -> None:
         super().close_fds(exclude + [self.broker.fileno()])
@@ -122,6 +132,8 @@ class Session(Control):
         # must not die untidily but end through its broker link, tearing down first.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the broker's restart signal
+        # Commands of this client's jobs see its own equipment and nothing else.
+        sandbox.install(sandbox.Sandbox(self.isolated, self.hidden))
         self.add_connection(self.broker, self.authkey)
 
     # -- the broker's side -------------------------------------------------------------
@@ -159,7 +171,12 @@ class Session(Control):
 
     def stop_commands(self, hosted: Hosted | None = None) -> None:
         """Kill the commands running for one resource (None: for all of them), so a
-        call blocked in them returns and the resource can be torn down."""
+        call blocked in them returns and the resource can be torn down. This waits
+        (briefly) until they are gone: nothing of them outlives the teardown."""
+        if hosted is None:
+            sandbox.current().kill()
+        elif hosted.resource is not None:
+            sandbox.current().kill(hosted.resource)
 
     def _report_released(self, profile: dict, clean: bool) -> None:
         """Tell the broker an item is free, and whether its teardown succeeded."""
@@ -200,8 +217,7 @@ class Session(Control):
         """Resource calls run in a worker thread; the loop stays free meanwhile."""
         if not isinstance(function, _ResourceCall):
             return function(*vargs, **kwargs)
-        hosted, method = function.hosted, function.method
-        self.run_in_thread(lambda: hosted.call(method, vargs, kwargs), self.defer())
+        self.run_in_thread(lambda: function(*vargs, **kwargs), self.defer())
         return None
 
     def _key_of(self, profile: Any) -> Key:
@@ -237,10 +253,14 @@ class Session(Control):
 
 
 class _ResourceCall:
-    """A resource method as ``rpc_function`` found it, with the resource it runs on."""
+    """A resource method as ``rpc_function`` found it, bound to the resource it runs
+    on: calling it waits for the resource's set-up and for its other calls."""
 
     __slots__ = ('hosted', 'method')
 
     def __init__(self, hosted: Hosted, method: Callable) -> None:
         self.hosted = hosted
         self.method = method
+
+    def __call__(self, *vargs: Any, **kwargs: Any) -> Any:
+        return self.hosted.call(self.method, list(vargs), kwargs)

@@ -45,11 +45,13 @@ class SessionKeeper:
         broker_end, session_end = socketlib.socketpair()
         authkey = secrets.token_urlsafe(32)
         process = Session(listener, authkey, session_end, server.types, server.home,
-                          logging=server.logging)
+                          logging=server.logging, isolated=server.isolation.enabled,
+                          hidden=server.hidden_paths())
         try:
             process.start()
         finally:
             session_end.close()
+        assert process.pid is not None
         link = Connection(('session', process.pid), broker_end)
         record = SessionRecord(process, port, authkey, link)
         server.add_connection(link)

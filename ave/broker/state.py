@@ -93,8 +93,8 @@ class BrokerState:
     def client(self, connection: Connection) -> Client | None:
         return self._clients.get(connection)
 
-    def client_by_holder(self, holder: int) -> Client | None:
-        return self._by_holder.get(holder)
+    def client_by_holder(self, holder: object) -> Client | None:
+        return self._by_holder.get(holder) if isinstance(holder, int) else None
 
     def clients(self) -> list[Client]:
         return list(self._clients.values())

@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import time
-from typing import TextIO
+from typing import Callable, TextIO
 
 from ave.cmd import _follow, _spawn
 from ave.cmd._output import Output
@@ -41,7 +41,8 @@ Path = str | os.PathLike[str]
 
 def run(cmd: Command, timeout: float = 0, debug: bool = False, cwd: Path = '',
         output_file: TextIO | None = None, *,
-        max_output: int | None = None) -> tuple[int, str]:
+        max_output: int | None = None,
+        started: Callable[[int], object] | None = None) -> tuple[int, str]:
     """Run ``cmd`` to completion and return ``(exit_code, output)``.
 
     ``cmd`` is a list of arguments, or a string split on whitespace (no shell quoting).
@@ -54,7 +55,10 @@ def run(cmd: Command, timeout: float = 0, debug: bool = False, cwd: Path = '',
     ``out``: past it only the last ``max_output`` are kept, after one line that says
     how many were cut (``ave.cmd.tail.cut_notice``), and memory stays bounded by about
     that many characters however much the command prints; ``output_file`` and
-    ``debug`` still get everything.
+    ``debug`` still get everything. ``started`` is called with the command's pid as
+    soon as it runs, so that another thread can end it early (``os.killpg``: the
+    command leads its own process group). ``max_output`` and ``started`` are AVE
+    extensions of the reference signature.
     Raises ``RunError`` when the command cannot be started.
     """
     argv = _argv(cmd)
@@ -63,6 +67,7 @@ def run(cmd: Command, timeout: float = 0, debug: bool = False, cwd: Path = '',
     output = Output(_sinks(debug, output_file), _output_limit(max_output))
     pid, master = _start(cmd, argv, cwd)
     try:
+        _announce(started, pid)
         return _conclude(cmd, pid, master, output, timeout)
     finally:
         os.close(master)
@@ -103,6 +108,17 @@ def _conclude(cmd: Command, pid: int, master: int, output: Output,
         raise RunError(cmd, text, 'exit status lost: something else reaped the '
                        'command (is SIGCHLD ignored?)')
     return code, text
+
+
+def _announce(started: Callable[[int], object] | None, pid: int) -> None:
+    """Tell the caller the pid; if that fails, the command must not run on unowned."""
+    if started is None:
+        return
+    try:
+        started(pid)
+    except BaseException:
+        _follow.abort(pid)
+        raise
 
 
 def _start(cmd: Command, argv: list[str], cwd: str) -> tuple[int, int]:

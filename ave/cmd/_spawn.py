@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import os
 
-# A cffi extension module: no stubs, so mypy sees it as Any.
-from ave._native import ffi, lib  # type: ignore[import-not-found]
+from ave._native import ffi, lib
 
 
 class ExecFailed(Exception):

@@ -9,9 +9,13 @@ line ending in ``\n`` (a terminal's own lines end in ``\r\n``).
 """
 from __future__ import annotations
 
+import json
 from collections import deque
 
-__all__ = ['Tail', 'cut_notice', 'tail']
+__all__ = ['SHOWN', 'Tail', 'cut_notice', 'shown', 'tail']
+
+#: How much of a command's output an error message quotes.
+SHOWN = 400
 
 
 def cut_notice(cut: int, kept: int) -> str:
@@ -26,6 +30,12 @@ def tail(text: str, limit: int) -> str:
         return text
     kept = text[len(text) - limit:]
     return cut_notice(len(text) - limit, limit) + kept
+
+
+def shown(output: str) -> str:
+    """The end of a command's output, quoted for an error message: tools print their
+    errors last, and a message must stay one readable line of bounded length."""
+    return json.dumps(tail(output.strip(), SHOWN))
 
 
 class Tail:

@@ -8,13 +8,35 @@ broker.json, created on demand (workspaces), or reported by a lister.
 """
 from __future__ import annotations
 
+import json
 from importlib.metadata import entry_points
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from ave.cmd.tail import tail
+from ave.network.framing import DEFAULT_LIMIT
 from ave.profile import Profile
 
 ENTRY_POINT_GROUP = 'ave.equipment'
+
+#: The most a resource method's reply may carry as encoded JSON text. A reply over
+#: the frame limit would be refused by the session anyway, but only after it was all
+#: in memory; checking first turns a 10 GB ``cat`` into a quick, clear error. The
+#: margin leaves room for the reply's envelope.
+REPLY_LIMIT = DEFAULT_LIMIT - 64 * 1024
+
+
+def fitted_to_reply(output: str) -> str:
+    """Command output cut to its end so that its JSON form fits in one reply.
+
+    Characters that JSON escapes take up to six bytes, so output at the character
+    limit may still be too large; it is cut further, in proportion, until it fits.
+    """
+    size = len(json.dumps(output))
+    while size > REPLY_LIMIT:
+        output = tail(output, max(0, len(output) * REPLY_LIMIT // size - 1024))
+        size = len(json.dumps(output))
+    return output
 
 
 class Resource:

@@ -16,23 +16,34 @@ when the handset appears and again every few seconds, because a booting handset
 changes state without udev noticing. ``pretty`` comes from broker.json (see
 ``ave.equipment.udev``).
 
-Every resource method runs ``adb -s SERIAL ...`` through ``ave.cmd``, so the ``adb``
-found first on the broker's PATH is the one used, and the adb server it talks to is
-the host's. Failures raise ``HandsetError`` with the command, its exit code and output.
+Every resource method runs ``adb -s SERIAL ...`` in the session's sandbox
+(``ave.sandbox``): a job chooses what ``shell`` runs and which files ``push``, ``pull``
+and ``install`` touch, so the adb client gets no more of the host than any other job
+command. It reaches the handset through the host's adb server on loopback, which must
+be running outside the sandbox (a server the client starts inside would die with the
+command and could not reach USB). Host paths must lie in one of the job's workspaces.
+The ``adb`` found first on the broker's PATH is the one used. Failures raise
+``HandsetError`` with the command, its exit code and output.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 import shlex
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
+from ave import sandbox
 from ave.cmd import run as run_command
-from ave.equipment import EquipmentType, Resource
+from ave.cmd.tail import shown
+from ave.equipment import REPLY_LIMIT, EquipmentType, Resource, fitted_to_reply
 from ave.equipment.udev import (attribute_of, check_declared, declared_names,
                                 declared_profile, property_of, usb_device_of, usb_ids,
                                 with_pretty)
+from ave.equipment.workspace_paths import PathError, is_within
 from ave.exceptions import AveException, RunError, Timeout
 from ave.profile import Profile
 
@@ -56,7 +67,6 @@ POLL_INTERVAL = 0.5
 
 # States adb reports for a reachable handset that is not running Android proper.
 _NOT_BOOTED = ('recovery', 'rescue', 'sideload')
-_OUTPUT_SHOWN = 400
 
 
 class HandsetError(AveException):
@@ -88,10 +98,16 @@ def shell_argv(serial: str, command: str) -> list[str]:
     return adb_argv(serial, 'shell', '-T', '-n', command)
 
 
-def read_power_state(serial: str) -> str:
-    """Ask adb for a handset's power state; raises RunError when adb cannot run."""
+Runner = Callable[..., tuple[int, str]]
+
+
+def read_power_state(serial: str, run: Runner = run_command) -> str:
+    """Ask adb for a handset's power state; raises RunError when adb cannot run.
+
+    ``run`` runs the adb commands (``ave.cmd.run``, or a sandbox's ``run``).
+    """
     try:
-        code, out = run_command(adb_argv(serial, 'get-state'), timeout=PROBE_TIMEOUT)
+        code, out = run(adb_argv(serial, 'get-state'), timeout=PROBE_TIMEOUT)
     except Timeout:
         return 'offline'
     state = _last_line(out) if code == 0 else ''
@@ -100,8 +116,8 @@ def read_power_state(serial: str) -> str:
     if state != 'device':
         return 'offline'
     try:
-        code, out = run_command(shell_argv(serial, 'getprop sys.boot_completed'),
-                            timeout=PROBE_TIMEOUT)
+        code, out = run(shell_argv(serial, 'getprop sys.boot_completed'),
+                        timeout=PROBE_TIMEOUT)
     except Timeout:
         return 'online'
     return 'boot_completed' if code == 0 and _last_line(out) == '1' else 'online'
@@ -114,11 +130,12 @@ def _last_line(out: str) -> str:
 
 
 class Handset(Resource):
-    """One handset as its holder's session drives it; every call runs adb.
+    """One handset as its holder's session drives it; every call runs adb, sandboxed.
 
     Host paths (``push``'s source, ``pull``'s destination, the package to install)
-    are read and written as the account running AVE; a job normally uses paths in
-    its workspace.
+    are absolute paths in one of the job's workspaces (allocated in the same
+    session): nothing else is writable in the sandbox, and nothing of another job's
+    is visible there.
     """
 
     def __init__(self, profile: Profile, settings: dict) -> None:
@@ -138,22 +155,22 @@ class Handset(Resource):
         return self._adb(argv, _timeout(timeout))
 
     def push(self, src: str, dst: str) -> None:
-        """Copy the host file or directory ``src`` to ``dst`` on the handset."""
-        self._adb(adb_argv(self._serial, 'push', _string('src', src), _string('dst', dst)),
+        """Copy the file or directory ``src`` of a workspace to ``dst`` on the handset."""
+        self._adb(adb_argv(self._serial, 'push', _local('src', src), _string('dst', dst)),
                   TRANSFER_TIMEOUT)
 
     def pull(self, src: str, dst: str) -> None:
-        """Copy ``src`` on the handset to the host path ``dst``."""
-        self._adb(adb_argv(self._serial, 'pull', _string('src', src), _string('dst', dst)),
+        """Copy ``src`` on the handset to ``dst`` in a workspace."""
+        self._adb(adb_argv(self._serial, 'pull', _string('src', src), _local('dst', dst)),
                   TRANSFER_TIMEOUT)
 
     def install(self, apk: str) -> None:
-        """Install (or replace) the package in the host file ``apk``.
+        """Install (or replace) the package in the workspace file ``apk``.
 
         Old adb versions exit 0 even when the package manager refused the package,
         so its answer is checked as well.
         """
-        argv = adb_argv(self._serial, 'install', '-r', _string('apk', apk))
+        argv = adb_argv(self._serial, 'install', '-r', _local('apk', apk))
         out = self._adb(argv, TRANSFER_TIMEOUT)
         if 'Failure' in out:
             raise self._error(argv, 'the package manager refused the package', out, 0)
@@ -165,7 +182,7 @@ class Handset(Resource):
     def get_power_state(self) -> str:
         """'offline', 'online' or 'boot_completed', asked of adb now."""
         try:
-            return read_power_state(self._serial)
+            return read_power_state(self._serial, self._runner())
         except RunError as err:
             raise self._error(adb_argv(self._serial, 'get-state'),
                               f'cannot run adb: {err}') from err
@@ -190,10 +207,16 @@ class Handset(Resource):
                                'serial': self._serial, 'state': state})
             time.sleep(min(POLL_INTERVAL, remaining))
 
+    def _runner(self) -> Runner:
+        """Runs commands in the session's sandbox on behalf of this handset; their
+        output is cut to what one reply can carry."""
+        return functools.partial(sandbox.current().run, owner=self,
+                                 max_output=REPLY_LIMIT)
+
     def _adb(self, argv: list[str], timeout: float) -> str:
         """Run adb; its output with the local terminal's \\r\\n made plain newlines."""
         try:
-            code, out = run_command(argv, timeout=timeout)
+            code, out = self._runner()(argv, timeout=timeout)
         except RunError as err:
             raise self._error(argv, f'cannot run adb: {err}') from err
         except Timeout as err:
@@ -201,7 +224,7 @@ class Handset(Resource):
                            f'not finish within {timeout:g} s and was killed',
                            'serial': self._serial, 'cmd': argv,
                            'out': _plain(err.out)}) from err
-        out = _plain(out)
+        out = fitted_to_reply(_plain(out))
         if code != 0:
             raise self._error(argv, f'exited with status {code}', out, code)
         return out
@@ -210,7 +233,7 @@ class Handset(Resource):
                exit_code: int | None = None) -> HandsetError:
         message = f'handset {self._serial!r}: {shlex.join(argv)} {problem}'
         if out.strip():
-            message += f' (output: {_tail(out)})'
+            message += f' (output: {shown(out)})'
         return HandsetError({'message': message, 'serial': self._serial, 'cmd': argv,
                              'exit_code': exit_code, 'out': out})
 
@@ -236,8 +259,9 @@ class HandsetType(EquipmentType):
 
     def profile_of(self, entry: dict) -> HandsetProfile:
         """A declared handset nobody has seen yet: offline until the lister finds it."""
-        return declared_profile(HandsetProfile, entry, platform='android',
-                                power_state='offline')
+        # declared_profile builds the class it is given.
+        return cast(HandsetProfile, declared_profile(HandsetProfile, entry, platform='android',
+                                                     power_state='offline'))
 
     def from_udev(self, device: Any, settings: dict) -> HandsetProfile | None:
         """The profile of a handset whose adb interface ``device`` is, else None.
@@ -303,11 +327,26 @@ def _string(name: str, value: Any) -> str:
     return value
 
 
+def _local(name: str, value: Any) -> str:
+    """A host path for adb: absolute, and inside one of the session's workspaces.
+
+    Checked here for a clear error; the sandbox is what enforces it, since adb runs
+    where nothing else is writable and other jobs' files are not there.
+    """
+    path = _string(name, value)
+    if not os.path.isabs(path):
+        raise ValueError(f'{name} must be an absolute path in one of your workspaces, '
+                         f'got {path!r}')
+    real = os.path.realpath(path)
+    if not any(is_within(real, top) for top in sandbox.current().writable_paths()):
+        raise PathError({'message': f'{name} {path!r} is not in a workspace of this job: '
+                                    'allocate a workspace with the handset and use paths '
+                                    'in it', 'path': path})
+    return path
+
+
 def _plain(out: str) -> str:
     return out.replace('\r\n', '\n')
 
 
-def _tail(out: str) -> str:
-    """The end of adb's output for a message: it prints its errors last."""
-    text = out.strip()
-    return repr(text if len(text) <= _OUTPUT_SHOWN else '...' + text[-_OUTPUT_SHOWN:])
+

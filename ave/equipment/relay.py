@@ -14,6 +14,14 @@ board a lab owns usable without a driver in AVE::
 ``pretty`` and ``timeout`` (seconds a command may take, default 30) are optional.
 The relay's profile lists its circuit names, so a job can ask for a relay that has
 the circuit it needs.
+
+The commands come from the lab owner; a job only picks which configured command runs,
+never an argument of it. So they are not job code, and run outside the sandbox of
+job commands (``isolate=False``): relay tools reach their boards through the host's
+device nodes (USB HID, serial, GPIO, found through udev), may keep state files where
+their owner put them, and a switch must cost what the tool costs, not the few
+milliseconds a fresh set of namespaces does. They still belong to the session's
+sandbox for ``kill()``: a session ending stops a hung relay command at once.
 """
 from __future__ import annotations
 
@@ -24,7 +32,8 @@ import math
 import shlex
 from typing import Any
 
-from ave import cmd
+from ave import sandbox
+from ave.cmd.tail import shown
 from ave.equipment import EquipmentType, Resource
 from ave.exceptions import AveException, RunError, Timeout
 from ave.profile import Profile
@@ -39,7 +48,6 @@ DEFAULT_TIMEOUT = 30.0
 _ENTRY_KEYS = ('type', 'uid', 'circuits', 'pretty', 'timeout')
 _CIRCUIT_KEYS = ('open', 'close', 'default')
 _STATES = ('open', 'closed')
-_OUTPUT_SHOWN = 400
 
 
 class RelayError(AveException):
@@ -135,11 +143,15 @@ class Relay(Resource):
                              f'are: {", ".join(sorted(self._circuits))}')
 
     def _switch(self, name: str, closed: bool) -> None:
-        """Run the circuit's command; the state is 'unknown' unless it succeeds."""
+        """Run the circuit's command; the state is 'unknown' unless it succeeds.
+
+        Not isolated, as the lab owner's command: see the module's docstring.
+        """
         argv = self._circuits[name]['close' if closed else 'open']
         self._states[name] = 'unknown'
         try:
-            code, out = cmd.run(argv, timeout=self._timeout)
+            code, out = sandbox.current().run(argv, timeout=self._timeout, owner=self,
+                                              isolate=False)
         except RunError as err:
             raise self._error(name, argv, f'cannot run {_quoted(argv)}: {err}') from err
         except Timeout as err:
@@ -155,7 +167,7 @@ class Relay(Resource):
                exit_code: int | None = None) -> RelayError:
         message = f'relay {self._uid!r} circuit {name!r}: {problem}'
         if out:
-            message += f' (output: {_tail(out)})'
+            message += f' (output: {shown(out)})'
         return RelayError({'message': message, 'uid': self._uid, 'circuit': name,
                            'cmd': list(argv), 'exit_code': exit_code, 'out': out})
 
@@ -199,12 +211,6 @@ def _quoted(argv: list[str]) -> str:
     return f'command "{shlex.join(argv)}"'
 
 
-def _tail(out: str) -> str:
-    """The end of a command's output for a message; errors are usually printed last."""
-    text = out.strip()
-    if len(text) > _OUTPUT_SHOWN:
-        text = '...' + text[-_OUTPUT_SHOWN:]
-    return json.dumps(text)
 
 
 # --- checking a broker.json entry ---------------------------------------------------

@@ -8,62 +8,64 @@ deletes the directory when the job lets go of it or disappears.
 The broker only makes up a profile with a fresh ``uid`` (no disk access on its loop);
 the directory ``<root>/<uid>`` is created and deleted by the session process.
 
-Every path a job passes may be relative (to the workspace directory) or absolute, and
-must resolve inside the workspace once symbolic links are followed; anything else is
-refused with ``PathError``. The rule is there so that a job's mistake (a wrong
-``..``, a link into a shared tree) cannot damage what the lab keeps elsewhere. It is
-not a sandbox: ``run()`` executes arbitrary commands as the broker's account.
+Every path a job passes may be relative (to the workspace directory) or absolute
+(starting with the path ``get_path()`` returns), and must resolve inside the
+workspace once symbolic links are followed; anything else is refused with
+``PathError``. Paths are resolved through directory descriptors
+(``ave.equipment.workspace_paths``), so a job swapping links meanwhile cannot make the
+session read or write outside. Commands (``run``, git) run in the session's sandbox
+(``ave.sandbox``), where this workspace is writable and other jobs' workspaces and the
+broker's files are not there at all.
+
+workspace.json ``limits`` caps what one ``unzip`` may write: ``unzip_max_bytes``
+(default 4 GiB in total) and ``unzip_max_entries`` (default 100,000 members).
 """
 from __future__ import annotations
 
-import glob
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import stat
-import tempfile
 import time
-import zipfile
+from collections.abc import Iterator
+from fnmatch import fnmatchcase
 
-from ave.cmd import run as run_command
-from ave.config import load_workspace_config
-from ave.equipment import EquipmentType, Resource
-from ave.exceptions import AveException, RunError
-from ave.network.framing import DEFAULT_LIMIT
+from ave import sandbox
+from ave.config import (DEFAULT_UNZIP_MAX_BYTES, DEFAULT_UNZIP_MAX_ENTRIES,
+                        load_workspace_config)
+from ave.equipment import REPLY_LIMIT, EquipmentType, Resource, fitted_to_reply
+from ave.equipment.workspace_archive import UnzipLimits, pack, unpack
+from ave.equipment.workspace_paths import (PathError, Tree, WorkspaceError, remove_tree,
+                                           text as _text)
+from ave.exceptions import RunError
 from ave.profile import Profile
+
+__all__ = ['REPLY_LIMIT', 'WORKSPACE', 'MissingTool', 'PathError', 'Workspace',
+           'WorkspaceError', 'WorkspaceProfile', 'WorkspaceType']
 
 _log = logging.getLogger(__name__)
 
-#: The most a reply may carry as encoded JSON text. A reply over the frame limit
-#: would be refused by the Control anyway, but only after the whole file had been
-#: read into memory; checking first turns a 10 GB ``cat`` into a quick, clear error.
-#: The margin leaves room for the reply's envelope.
-REPLY_LIMIT = DEFAULT_LIMIT - 64 * 1024
 
-#: What ``path_exists`` can be asked to check, and how.
-_FILE_TYPES = {'file': os.path.isfile, 'directory': os.path.isdir,
-               'symlink': os.path.islink}
-
-# Mode bits unzip restores on extracted files: permissions only, never set-id bits.
-_PERMISSION_BITS = 0o777
+#: What ``path_exists`` can be asked to check, by the file type bits it wants.
+_FILE_TYPES = {'file': stat.S_ISREG, 'directory': stat.S_ISDIR, 'symlink': stat.S_ISLNK}
 
 # Smallest time slice handed to a git step once an overall deadline has passed, so
 # that the step times out at once (a timeout of 0 would mean "no limit").
 _EXPIRED = 0.001
 
+# Workspaces made on demand are named with this many random bytes, as hex digits; a
+# start's sweep removes only directories named so.
+_UID_BYTES = 8
+_MADE_UP_UID = re.compile(f'[0-9a-f]{{{2 * _UID_BYTES}}}')
 
-class WorkspaceError(AveException):
-    """A workspace operation was refused or failed (file too large, bad archive, ...)."""
-
-
-class PathError(WorkspaceError):
-    """A path leads outside the workspace, or an archive member would land outside.
-
-    ``path`` (also an attribute) is the offending value as the caller gave it.
-    """
+# The only transports git may use for a job. Without this list a URL such as
+# "ext::sh -c ..." makes git run a command of the job's choosing.
+_GIT_PROTOCOLS = 'file:git:http:https:ssh'
 
 
 class MissingTool(WorkspaceError):
@@ -85,12 +87,15 @@ class Workspace(Resource):
 
     def __init__(self, profile: Profile, settings: dict) -> None:
         super().__init__(profile, settings)
-        uid = profile.get('uid')
         # The uid becomes a directory name that _teardown deletes: a uid with a
         # slash or '..' in it must never get that far.
-        _check_uid(uid)
+        uid = _check_uid(profile.get('uid'))
         self._path = os.path.join(os.path.realpath(settings['root']), uid)
         self._tools: dict[str, str] = dict(settings.get('tools') or {})
+        limits = settings.get('limits') or {}
+        self._unzip_limits = UnzipLimits(
+            limits.get('unzip_max_bytes', DEFAULT_UNZIP_MAX_BYTES),
+            limits.get('unzip_max_entries', DEFAULT_UNZIP_MAX_ENTRIES))
 
     # --- life cycle (session only) -----------------------------------------------
 
@@ -98,6 +103,7 @@ class Workspace(Resource):
         """Create the workspace directory, private to the account running AVE.
 
         Every workspace is new, so what happened to earlier ones does not matter.
+        The session's sandbox then lets commands write here.
         """
         os.makedirs(os.path.dirname(self._path), exist_ok=True)
         try:
@@ -105,23 +111,21 @@ class Workspace(Resource):
         except FileExistsError:
             raise WorkspaceError(f'workspace directory {self._path} already exists; '
                                  'refusing to share it with another allocation') from None
+        sandbox.current().allow_write(self._path)
         _log.debug('created workspace %s', self._path)
 
     def _teardown(self) -> None:
-        """Delete the workspace directory and everything in it.
+        """Stop this workspace's commands, then delete it and everything in it.
 
-        Symbolic links are removed, never followed, so a link to a directory outside
-        leaves that directory alone. Directories the job made unwritable or
+        Commands first, so that none is still writing while the tree goes. Symbolic
+        links are removed, never followed; directories the job made unwritable or
         unreadable are opened up first so that nothing is left behind.
         """
-        if not os.path.lexists(self._path):
-            return
-        if os.path.islink(self._path) or not os.path.isdir(self._path):
-            os.unlink(self._path)
-            return
-        _open_up_directories(self._path)
-        shutil.rmtree(self._path)
-        _log.debug('deleted workspace %s', self._path)
+        box = sandbox.current()
+        box.kill(self)
+        box.disallow(self._path)
+        if remove_tree(self._path):
+            _log.debug('deleted workspace %s', self._path)
 
     # --- RPCs ------------------------------------------------------------------------
 
@@ -131,16 +135,18 @@ class Workspace(Resource):
 
     def make_tempdir(self) -> str:
         """Create a new, empty directory with a unique name in the workspace."""
-        return tempfile.mkdtemp(dir=self._path)
+        with self._tree() as tree:
+            return tree.create_unique('.', directory=True)[1]
 
     def make_tempfile(self, path: str | None = None) -> str:
         """Create a new, empty file with a unique name in the directory ``path``.
 
         ``path`` defaults to the workspace directory itself.
         """
-        directory = self._path if path is None else self._resolve(path)
-        fd, name = tempfile.mkstemp(dir=directory)
-        os.close(fd)
+        with self._tree() as tree:
+            fd, name = tree.create_unique('.' if path is None else path)
+        if fd is not None:
+            os.close(fd)
         return name
 
     def write_tempfile(self, data: str) -> str:
@@ -149,7 +155,9 @@ class Workspace(Resource):
         The text is written exactly as given (no newline translation).
         """
         _text(data, 'data')
-        fd, name = tempfile.mkstemp(dir=self._path)
+        with self._tree() as tree:
+            fd, name = tree.create_unique('.')
+        assert fd is not None  # a file, not a directory, was asked for
         with open(fd, 'w', encoding='utf-8', newline='') as stream:
             stream.write(data)
         return name
@@ -161,8 +169,9 @@ class Workspace(Resource):
         to escape) are refused with WorkspaceError rather than read: copy them
         elsewhere with ``run()``, or compare them with ``get_checksum()``.
         """
-        full = self._regular_file(path)
-        with open(full, 'rb') as stream:
+        with self._tree() as tree:
+            fd = tree.open_file(path)
+        with open(fd, 'rb') as stream:
             _refuse_large(path, os.fstat(stream.fileno()).st_size)
             data = stream.read(REPLY_LIMIT + 1)  # the file may still be growing
         _refuse_large(path, len(data))
@@ -177,13 +186,22 @@ class Workspace(Resource):
         ``.*`` to see those. The pattern matches names in ``path`` only, so it may
         not contain ``/``.
         """
-        full = self._resolve(path)
+        _text(path, 'path')
         if '/' in _text(globstr, 'globstr'):
             raise ValueError(f'globstr {globstr!r} may not contain "/": it matches '
                              'names within path')
-        if not os.path.isdir(full):
-            raise NotADirectoryError(f'{path!r} is not a directory')
-        return sorted(glob.glob(globstr, root_dir=full))
+        with self._tree() as tree:
+            try:
+                fd, _ = tree.open_directory(path)
+            except (FileNotFoundError, NotADirectoryError):
+                raise NotADirectoryError(f'{path!r} is not a directory') from None
+        try:
+            names = os.listdir(fd)
+        finally:
+            os.close(fd)
+        if not globstr.startswith('.'):
+            names = [name for name in names if not name.startswith('.')]
+        return sorted(name for name in names if fnmatchcase(name, globstr))
 
     def path_exists(self, path: str, file_type: str | None = None) -> bool:
         """Whether ``path`` exists, and when ``file_type`` is given, is of that type.
@@ -195,12 +213,14 @@ class Workspace(Resource):
         if file_type is not None and file_type not in tuple(_FILE_TYPES):
             raise ValueError(f'file_type must be None, {", ".join(map(repr, _FILE_TYPES))}; '
                              f'got {file_type!r}')
-        if file_type == 'symlink':
-            return os.path.islink(self._resolve_link(path))
-        full = self._resolve(path)
-        if file_type is None:
-            return os.path.exists(full)
-        return _FILE_TYPES[file_type](full)
+        with self._tree() as tree:
+            try:
+                found = tree.stat(path, follow=file_type != 'symlink')
+            except OSError:  # a loop of links leads nowhere
+                return False
+        if found is None:
+            return False
+        return file_type is None or _FILE_TYPES[file_type](found[1].st_mode)
 
     def get_checksum(self, path: str) -> str:
         """The SHA-256 digest of the regular file ``path``, as 64 hex digits.
@@ -208,7 +228,9 @@ class Workspace(Resource):
         SHA-256 rather than MD5 so that a matching digest means an identical file
         even when someone might have crafted a collision.
         """
-        with open(self._regular_file(path), 'rb') as stream:
+        with self._tree() as tree:
+            fd = tree.open_file(path)
+        with open(fd, 'rb') as stream:
             return hashlib.file_digest(stream, 'sha256').hexdigest()
 
     def has_tool(self, name: str) -> bool:
@@ -224,15 +246,17 @@ class Workspace(Resource):
     def run(self, cmd: str | list[str], timeout: float = 0) -> tuple[int, str]:
         """Run ``cmd`` in the workspace directory; return ``(exit_code, output)``.
 
-        This is ``ave.cmd.run``: ``cmd`` is a list of arguments or a string split on
-        whitespace (no shell), output is stdout and stderr as the terminal showed
-        them (lines end in CR LF), ``timeout`` 0 means none, and ``Timeout`` (with
-        ``out``) or ``RunError`` report a command that hung or could not start.
-        Output too large for one reply raises WorkspaceError: redirect it to a file.
+        This is ``ave.cmd.run`` inside the session's sandbox: ``cmd`` is a list of
+        arguments or a string split on whitespace (no shell), output is stdout and
+        stderr as the terminal showed them (lines end in CR LF), ``timeout`` 0 means
+        none, and ``Timeout`` (with ``out``) or ``RunError`` report a command that
+        hung or could not start. Processes the command leaves behind are killed when
+        it returns. Output larger than one reply can carry is cut to its end, after
+        one line saying how much was left out: redirect it to a file to keep it all.
         """
-        exit_code, output = run_command(cmd, timeout=timeout, cwd=self._path)
-        _fit_reply(output, f'the output of {cmd!r} (exit code {exit_code})')
-        return exit_code, output
+        exit_code, output = sandbox.current().run(cmd, timeout=timeout, cwd=self._path,
+                                                  owner=self, max_output=REPLY_LIMIT)
+        return exit_code, fitted_to_reply(output)
 
     def zip(self, path: str, dst: str | None = None) -> str:
         """Pack the file or directory ``path`` into a zip archive; return its path.
@@ -244,46 +268,29 @@ class Workspace(Resource):
         which must be in the workspace; links to directories are refused, because
         they can form loops.
         """
-        source = self._resolve(path)
-        if not os.path.exists(source):
-            raise FileNotFoundError(f'no such file or directory: {path!r}')
-        target = self._resolve(dst, 'dst') if dst is not None else _zip_name(source, self._path)
-        if target == source:
-            raise ValueError(f'dst {dst!r} is path itself: the archive would overwrite it')
-        members = self._zip_members(source, target)
-        with zipfile.ZipFile(target, 'w', zipfile.ZIP_DEFLATED) as archive:
-            for full, arcname in members:
-                archive.write(full, arcname)
-        return target
+        with self._tree() as tree:
+            return pack(tree, _text(path, 'path'), dst)
 
     def unzip(self, path: str, dst: str | None = None) -> str:
         """Extract the zip archive ``path`` into the directory ``dst``; return ``dst``.
 
         ``dst`` defaults to a new directory in the workspace and is created if
-        missing. The whole archive is checked before anything is written: absolute
-        member names, ``..`` components, symbolic links and members that would pass
-        through an existing link out of ``dst`` are refused with PathError. File
-        permission bits stored in the archive are restored.
+        missing. The whole archive is checked before anything is written: more
+        members or more bytes than workspace.json ``limits`` allow, absolute member
+        names, ``..`` components, symbolic links and members that would pass through
+        an existing link out of ``dst`` are refused. A member that unpacks to more
+        than it declared, or a full disk, stops the extraction and removes what it
+        wrote. File permission bits stored in the archive are restored.
         """
-        archive_path = self._resolve(path)
-        target = None if dst is None else self._resolve(dst, 'dst')
-        with _open_zip(archive_path, path) as archive:
-            members = archive.infolist()
-            for info in members:
-                _check_member(info, target)
-            if target is None:
-                target = tempfile.mkdtemp(dir=self._path)
-            os.makedirs(target, exist_ok=True)
-            for info in members:
-                _extract(archive, info, target)
-        return target
+        with self._tree() as tree:
+            return unpack(tree, _text(path, 'path'), dst, self._unzip_limits)
 
     def make_git(self, path: str) -> str:
         """Make ``path`` (created if missing) a git repository; return its path.
 
         Running it on an existing repository is harmless.
         """
-        full = self._resolve(path)
+        full = self._canonical(path)
         self._git_ok(['init', '--quiet', full], f'creating a git repository at {path!r}')
         return full
 
@@ -294,10 +301,11 @@ class Workspace(Resource):
         abbreviated), a branch or a tag. False when ``path`` is not the top of a
         repository: a directory inside someone else's checkout does not count.
         """
-        full = self._resolve(path)
+        full = self._canonical(path)
         _check_refspec(refspec)
-        if not os.path.lexists(os.path.join(full, '.git')):
-            return False
+        with self._tree() as tree:
+            if tree.stat(os.path.join(full, '.git'), follow=False) is None:
+                return False
         exit_code, _ = self._git(['-C', full, 'cat-file', '-e', f'{refspec}^{{commit}}'])
         return exit_code == 0
 
@@ -305,23 +313,24 @@ class Workspace(Resource):
                      timeout: float = 0, depth: int = 1) -> str:
         """Fetch ``refspec`` from the repository ``src`` and check it out in ``dst``.
 
-        ``src`` is whatever git accepts as a remote: a URL or a local path (relative
-        to the workspace). It is only read, so it may be outside the workspace.
-        ``refspec`` is a branch, a tag or a commit hash. ``dst`` defaults to a new
-        directory in the workspace; an existing repository there is updated. Only
-        the last ``depth`` commits are fetched (0: the whole history). ``timeout``
-        (seconds, 0: none) covers the whole download. Returns ``dst``; the checkout
-        is detached at the fetched commit. Git failures raise RunError with git's
-        output.
+        ``src`` is whatever git accepts as a remote over file, git, http, https or
+        ssh (``ext::`` and other transports that run commands are refused): a URL or
+        a local path (relative to the workspace). Git runs in the session's sandbox,
+        so a local ``src`` must be visible there. ``refspec`` is a branch, a tag or
+        a commit hash. ``dst`` defaults to a new directory in the workspace; an
+        existing repository there is updated. Only the last ``depth`` commits are
+        fetched (0: the whole history). ``timeout`` (seconds, 0: none) covers the
+        whole download. Returns ``dst``; the checkout is detached at the fetched
+        commit. Git failures raise RunError with git's output.
         """
         _check_src(src)
         _check_refspec(refspec)
         _check_depth(depth)
         _check_timeout(timeout)
-        target = self._resolve(dst, 'dst') if dst is not None else None
+        target = self._canonical(dst, 'dst') if dst is not None else None
         self._tool('git')  # fail before making a directory that would stay empty
         if target is None:
-            target = tempfile.mkdtemp(dir=self._path)
+            target = self.make_tempdir()
         deadline = time.monotonic() + timeout if timeout else None
         for args, doing in _download_steps(src, refspec, target, depth):
             self._git_ok(args, doing, _time_left(deadline))
@@ -329,63 +338,19 @@ class Workspace(Resource):
 
     # --- helpers -------------------------------------------------------------------
 
-    def _resolve(self, path: str, name: str = 'path') -> str:
-        """The canonical absolute form of ``path``, or PathError if it is outside."""
-        full = os.path.realpath(os.path.join(self._path, _text(path, name)))
-        self._check_inside(full, path, name)
-        return full
+    @contextlib.contextmanager
+    def _tree(self) -> Iterator[Tree]:
+        """The workspace held open for one operation, paths resolved from there."""
+        fd = os.open(self._path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            yield Tree(self._path, fd, 'the workspace')
+        finally:
+            os.close(fd)
 
-    def _resolve_link(self, path: str) -> str:
-        """Like ``_resolve``, but a link in the last component is not followed."""
-        head, tail = os.path.split(os.path.join(self._path, _text(path, 'path')))
-        if tail in ('', '.', '..'):
-            return self._resolve(path)
-        full = os.path.join(os.path.realpath(head), tail)
-        self._check_inside(full, path, 'path')
-        return full
-
-    def _check_inside(self, full: str, given: str, name: str) -> None:
-        if not _is_within(full, self._path):
-            raise PathError({'message': f'{name} {given!r} is outside the workspace '
-                                        f'{self._path}', 'path': given})
-
-    def _regular_file(self, path: str) -> str:
-        """The resolved ``path`` if it is a regular file (reading a FIFO would hang)."""
-        full = self._resolve(path)
-        if not stat.S_ISREG(os.stat(full).st_mode):
-            raise WorkspaceError(f'{path!r} is not a regular file')
-        return full
-
-    def _zip_members(self, source: str, target: str) -> list[tuple[str, str]]:
-        """``(file to read, name in the archive)`` for the file or directory ``source``."""
-        if not os.path.isdir(source):
-            name = os.path.basename(source)
-            return [(self._member_file(source, name), name)]
-        members = []
-        for directory, dirnames, filenames in os.walk(source):
-            dirnames.sort()
-            if directory != source:
-                members.append((directory, os.path.relpath(directory, source)))
-            # os.walk lists links to directories among the directories but never
-            # enters them; here they are archived, or refused, like any other link.
-            links = [name for name in dirnames if os.path.islink(os.path.join(directory, name))]
-            for name in sorted(filenames + links):
-                full = os.path.join(directory, name)
-                if full != target:  # an archive written inside source leaves itself out
-                    arcname = os.path.relpath(full, source)
-                    members.append((self._member_file(full, arcname), arcname))
-        return members
-
-    def _member_file(self, full: str, shown: str) -> str:
-        """The regular file to archive for ``full``, following a link inside the workspace."""
-        real = os.path.realpath(full)
-        if not _is_within(real, self._path):
-            raise PathError({'message': f'cannot archive {shown!r}: it links to {real}, '
-                                        'outside the workspace', 'path': shown})
-        if not os.path.isfile(real):
-            raise WorkspaceError(f'cannot archive {shown!r}: not a regular file or a '
-                                 'link to one')
-        return real
+    def _canonical(self, path: str, name: str = 'path') -> str:
+        """Where ``path`` leads (it need not exist yet), for a command to use."""
+        with self._tree() as tree:
+            return tree.canonical(path, name)
 
     def _find_tool(self, name: str) -> str | None:
         configured = self._tools.get(name)
@@ -407,10 +372,15 @@ class Workspace(Resource):
                           'not found on PATH')
 
     def _git(self, args: list[str], timeout: float = 0) -> tuple[int, str]:
-        # GIT_TERMINAL_PROMPT=0: the command has a terminal, and a repository that
-        # wants a password must fail at once instead of waiting for a reply.
-        argv = ['env', 'GIT_TERMINAL_PROMPT=0', self._tool('git'), '--no-pager', *args]
-        return run_command(argv, timeout=timeout, cwd=self._path)
+        """Run git in the sandbox: the job controls the repositories' configuration
+        (hooks, ``core.fsmonitor``, ...), so git may run anything it chooses there.
+
+        GIT_TERMINAL_PROMPT=0: the command has a terminal, and a repository that
+        wants a password must fail at once instead of waiting for a reply.
+        """
+        argv = ['env', 'GIT_TERMINAL_PROMPT=0', f'GIT_ALLOW_PROTOCOL={_GIT_PROTOCOLS}',
+                self._tool('git'), '--no-pager', *args]
+        return sandbox.current().run(argv, timeout=timeout, cwd=self._path, owner=self)
 
     def _git_ok(self, args: list[str], doing: str, timeout: float = 0) -> str:
         exit_code, output = self._git(args, timeout)
@@ -427,6 +397,7 @@ class WorkspaceType(EquipmentType):
     profile_class = WorkspaceProfile
     resource_class = Workspace
     on_demand = True
+    sweeps = True
 
     def load_settings(self, home: str) -> dict:
         """The checked content of ``<home>/.ave/config/workspace.json``."""
@@ -437,6 +408,20 @@ class WorkspaceType(EquipmentType):
         super().validate_entry(entry)
         _check_uid(entry['uid'])
 
+    def sweep(self, settings: dict, keep: set[str]) -> None:
+        """Delete the workspace directories a crash left in the root, but those in
+        ``keep``. Only names this type makes up (sixteen hex digits) are touched: the
+        root is the lab owner's choice, and might hold other things too."""
+        root = os.path.realpath(settings['root'])
+        try:
+            names = os.listdir(root)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if _MADE_UP_UID.fullmatch(name) and name not in keep:
+                if remove_tree(os.path.join(root, name)):
+                    _log.info('removed workspace %s: no session owns it', name)
+
     def create(self, settings: dict) -> WorkspaceProfile:
         """A profile for a brand-new workspace; the directory comes later, in the session.
 
@@ -444,7 +429,7 @@ class WorkspaceType(EquipmentType):
         digits make a clash with a live workspace practically impossible, and
         ``_setup`` refuses an existing directory should one happen anyway.
         """
-        values = {'type': self.name, 'uid': secrets.token_hex(8)}
+        values = {'type': self.name, 'uid': secrets.token_hex(_UID_BYTES)}
         if settings.get('pretty') is not None:
             values['pretty'] = settings['pretty']
         return WorkspaceProfile(values)
@@ -456,37 +441,32 @@ WORKSPACE = WorkspaceType()
 
 # --- checks and helpers that need no workspace ------------------------------------
 
-def _text(value: object, name: str) -> str:
-    """``value`` if it is a string fit for a path or argument, else a clear error."""
-    if not isinstance(value, str):
-        raise TypeError(f'{name} must be a str, not {type(value).__name__}')
-    if '\0' in value:
-        raise ValueError(f'{name} contains a NUL character: {value!r}')
-    return value
-
-
-def _check_uid(uid: object) -> None:
-    _text(uid, 'uid')
+def _check_uid(value: object) -> str:
+    uid = _text(value, 'uid')
     if uid in ('', '.', '..') or '/' in uid:
         raise ValueError(f'uid {uid!r} cannot be a directory name: it must be '
                          'non-empty, not "." or "..", and without "/"')
+    return uid
 
 
-def _tool_name(name: object) -> str:
-    if '/' in _text(name, 'name') or not name:
+def _tool_name(value: object) -> str:
+    name = _text(value, 'name')
+    if '/' in name or not name:
         raise ValueError(f'name {name!r} must be a program name, not a path')
     return name
 
 
-def _check_src(src: object) -> None:
+def _check_src(value: object) -> None:
     # A leading '-' would reach git as an option.
-    if _text(src, 'src').startswith('-'):
+    src = _text(value, 'src')
+    if src.startswith('-'):
         raise ValueError(f'src {src!r} may not start with "-"')
 
 
-def _check_refspec(refspec: object) -> None:
+def _check_refspec(value: object) -> None:
     # A leading '-' would reach git as an option.
-    if not _text(refspec, 'refspec') or refspec.startswith('-'):
+    refspec = _text(value, 'refspec')
+    if not refspec or refspec.startswith('-'):
         raise ValueError(f'refspec {refspec!r} must be non-empty and may not start '
                          'with "-"')
 
@@ -528,11 +508,6 @@ def _time_left(deadline: float | None) -> float:
     return max(deadline - time.monotonic(), _EXPIRED)
 
 
-def _is_within(path: str, top: str) -> bool:
-    """Whether the canonical ``path`` is ``top`` or below it (not merely a prefix)."""
-    return path == top or path.startswith(top + os.sep)
-
-
 def _refuse_large(path: str, size: int) -> None:
     if size > REPLY_LIMIT:
         raise WorkspaceError(f'{path!r} holds {size} bytes, more than one reply can '
@@ -546,67 +521,3 @@ def _fit_reply(text: str, what: str) -> None:
         raise WorkspaceError(f'{what} takes {size} bytes as JSON, more than one reply '
                              f'can carry ({REPLY_LIMIT} bytes)')
 
-
-def _zip_name(source: str, workspace: str) -> str:
-    """Default archive path: beside ``source``, or inside it for the workspace itself."""
-    parent = source if source == workspace else os.path.dirname(source)
-    return os.path.join(parent, os.path.basename(source) + '.zip')
-
-
-def _open_zip(full: str, given: str) -> zipfile.ZipFile:
-    if not os.path.isfile(full):
-        raise FileNotFoundError(f'no such file: {given!r}')
-    try:
-        return zipfile.ZipFile(full)
-    except zipfile.BadZipFile:
-        raise WorkspaceError(f'{given!r} is not a zip archive') from None
-
-
-def _check_member(info: zipfile.ZipInfo, target: str | None) -> None:
-    """Refuse a member that could write anywhere but below ``target``.
-
-    No member may be a symbolic link, so extracting cannot create a new way out;
-    checking each member against the directories as they are now is then enough.
-    ``target`` None stands for a directory yet to be made, which holds no links.
-    """
-    name = info.filename
-    if stat.S_ISLNK(info.external_attr >> 16):
-        raise PathError({'message': f'archive member {name!r} is a symbolic link, '
-                                    'which could point anywhere', 'path': name})
-    if name.startswith('/') or '..' in name.split('/'):
-        raise PathError({'message': f'archive member {name!r} would land outside '
-                                    'the destination', 'path': name})
-    if target is None:
-        return
-    landing = os.path.realpath(os.path.join(target, name))
-    if not _is_within(landing, target):
-        raise PathError({'message': f'archive member {name!r} would land outside the '
-                                    'destination through a symbolic link', 'path': name})
-
-
-def _extract(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: str) -> None:
-    extracted = archive.extract(info, target)
-    mode = (info.external_attr >> 16) & _PERMISSION_BITS
-    if mode and not info.is_dir():
-        os.chmod(extracted, mode)
-
-
-def _open_up_directories(top: str) -> None:
-    """Give the owner full access to every directory under ``top``, links not followed.
-
-    Deleting needs write and search permission on each directory and listing needs
-    read permission. ``os.walk`` visits top down, so each directory is opened up
-    before the walk tries to list it. The check-then-chmod has a window in which a
-    leftover process of the job could swap a directory for a link; at worst that
-    grants the AVE account access to one of its own files.
-    """
-    _allow_owner(top)
-    for directory, dirnames, _ in os.walk(top):
-        for name in dirnames:
-            _allow_owner(os.path.join(directory, name))
-
-
-def _allow_owner(path: str) -> None:
-    mode = os.lstat(path).st_mode
-    if stat.S_ISDIR(mode) and mode & 0o700 != 0o700:
-        os.chmod(path, stat.S_IMODE(mode) | 0o700)

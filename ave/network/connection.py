@@ -11,6 +11,7 @@ import random
 import select
 import socket as socketlib
 import time
+from typing import Self
 
 from ave.network import framing
 from ave.network.exceptions import (
@@ -121,10 +122,16 @@ class Connection:
         self.socket = sock
         self.address = sock.getsockname()[:2]
 
-    def accept(self) -> 'Connection':
+    def open_socket(self) -> socketlib.socket:
+        """The socket; ConnectionClosed once there is none."""
+        if self.socket is None:
+            raise ConnectionClosed()
+        return self.socket
+
+    def accept(self) -> Self:
         """Take one pending connection; ConnectionAgain when none is waiting."""
         try:
-            sock, address = self.socket.accept()
+            sock, address = self.open_socket().accept()
         except (BlockingIOError, InterruptedError):
             raise ConnectionAgain()
         except OSError as error:
@@ -305,7 +312,7 @@ class BlockingConnection(Connection):
     def poll(self, mask: int, timeout: float | None) -> list[tuple[int, int]] | None:
         """Wait until the socket meets ``mask`` (select.POLL*); None on time-out."""
         poller = select.poll()
-        poller.register(self.socket, mask)
+        poller.register(self.open_socket(), mask)
         events = poller.poll(None if timeout is None else max(0, timeout) * 1000)
         return events or None
 
@@ -343,12 +350,13 @@ class BlockingConnection(Connection):
             self.close()
             self.socket = None
             raise ConnectionTimeout(f'could not connect to {self.address} in time')
-        code = self.socket.getsockopt(socketlib.SOL_SOCKET, socketlib.SO_ERROR)
+        sock = self.open_socket()
+        code = sock.getsockopt(socketlib.SOL_SOCKET, socketlib.SO_ERROR)
         if code:
             raise _translate(OSError(code, errno.errorcode.get(code, str(code))))
-        _tune(self.socket)
+        _tune(sock)
 
-    def accept(self, timeout: float | None = None) -> 'BlockingConnection':
+    def accept(self, timeout: float | None = None) -> Self:
         """Wait up to ``timeout`` for a client and return its connection."""
         deadline = _deadline(timeout)
         while True:
@@ -404,9 +412,9 @@ class BlockingConnection(Connection):
     def _wait(self, mask: int, deadline: float | None) -> None:
         if self._poller is None:
             self._poller = select.poll()
-            self._poller.register(self.socket, mask)
+            self._poller.register(self.open_socket(), mask)
         else:
-            self._poller.modify(self.socket, mask)
+            self._poller.modify(self.open_socket(), mask)
         remaining = _remaining(deadline)
         events = self._poller.poll(None if remaining is None else remaining * 1000)
         if not events:

@@ -238,7 +238,9 @@ def test_handset_allocated_by_serial_runs_adb_on_that_handset(testbed, adb, lab)
     testbed.add('handset.umockdev')
     handset_dir = adb(SERIAL)
     (handset_dir / 'fs' / 'greeting').write_text('hello from the handset\n')
-    started = lab()
+    # The stand-in adb keeps its handsets in the test's /tmp, which a sandboxed
+    # command cannot see (a real adb reaches its server on loopback instead).
+    started = lab(isolation='off')
     assert wait_until(lambda: listed(started, 'handset'))
     handset = started.client().get({'type': 'handset', 'serial': SERIAL})
     assert handset.shell('cat greeting') == 'hello from the handset\n'

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -19,8 +20,11 @@ import pytest
 from ave import config
 from ave.equipment import load_types
 from ave.equipment.handset import HANDSET, Handset, HandsetError, HandsetProfile
+from ave.equipment.workspace import PathError
 from ave.exceptions import Timeout, details_of, exception_factory
-from support import DATA, HANDSET_SERIAL
+from ave.sandbox import Killed, Sandbox
+from sandboxes import installed, requires_bwrap
+from support import DATA, HANDSET_SERIAL, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -50,6 +54,34 @@ def handset(adb):
     resource = Handset(HandsetProfile({'type': 'handset', 'serial': SERIAL}), {})
     resource.dir = adb()
     return resource
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """A directory the session's (disabled) sandbox counts as this job's workspace."""
+    path = tmp_path / 'workspace'
+    path.mkdir()
+    box = Sandbox(False)
+    box.allow_write(str(path))
+    with installed(box):
+        yield path
+
+
+@pytest.fixture
+def isolated(tmp_path, workspace, monkeypatch):
+    """An enabled sandbox with a workspace, hiding a fake broker home.
+
+    The stand-in adb keeps its handsets under tmp_path, which is private inside a
+    sandbox; they are made writable there as the real adb server's handsets are
+    reachable over loopback.
+    """
+    dot_ave = tmp_path / 'home' / '.ave'
+    dot_ave.mkdir(parents=True)
+    box = Sandbox(True, hidden=[str(dot_ave)])
+    box.allow_write(str(workspace))
+    box.allow_write(os.environ['AVE_TEST_ADB'])
+    with installed(box):
+        yield box
 
 
 def mapped(settings: dict | None = None) -> dict[str, dict | None]:
@@ -201,29 +233,29 @@ def test_shell_past_its_timeout_is_killed(handset):
     assert time.monotonic() - started < 10
 
 
-def test_push_and_pull_copy_files_both_ways(handset, tmp_path):
-    source = tmp_path / 'data.txt'
+def test_push_and_pull_copy_files_both_ways(handset, workspace):
+    source = workspace / 'data.txt'
     source.write_text('payload')
     handset.push(str(source), '/sdcard/data.txt')
     assert handset.shell('cat sdcard/data.txt') == 'payload'
-    handset.pull('/sdcard/data.txt', str(tmp_path / 'back.txt'))
-    assert (tmp_path / 'back.txt').read_text() == 'payload'
+    handset.pull('/sdcard/data.txt', str(workspace / 'back.txt'))
+    assert (workspace / 'back.txt').read_text() == 'payload'
 
 
-def test_pull_of_a_missing_file_raises(handset, tmp_path):
+def test_pull_of_a_missing_file_raises(handset, workspace):
     with pytest.raises(HandsetError, match='exited with status'):
-        handset.pull('/sdcard/none', str(tmp_path / 'none'))
+        handset.pull('/sdcard/none', str(workspace / 'none'))
 
 
-def test_install_puts_the_package_on_the_handset(handset, tmp_path):
-    apk = tmp_path / 'app.apk'
+def test_install_puts_the_package_on_the_handset(handset, workspace):
+    apk = workspace / 'app.apk'
     apk.write_text('GOOD')
     handset.install(str(apk))
     assert (handset.dir / 'installed').read_text() == 'app.apk\n'
 
 
-def test_install_refused_by_the_package_manager_raises(handset, tmp_path):
-    apk = tmp_path / 'broken.apk'
+def test_install_refused_by_the_package_manager_raises(handset, workspace):
+    apk = workspace / 'broken.apk'
     apk.write_text('BAD')
     with pytest.raises(HandsetError, match='refused') as caught:
         handset.install(str(apk))
@@ -245,3 +277,68 @@ def test_bad_arguments_are_refused_before_adb_runs(handset, call):
     with pytest.raises(ValueError):
         call(handset)
     assert not (handset.dir / 'calls').exists()
+
+
+# -- host paths and the sandbox ------------------------------------------------------------
+
+@pytest.mark.parametrize('call', [
+    lambda h, outside: h.push(str(outside / 'secret.txt'), '/sdcard/x'),
+    lambda h, outside: h.pull('/sdcard/x', str(outside / 'copy.txt')),
+    lambda h, outside: h.install(str(outside / 'app.apk')),
+], ids=['push', 'pull', 'install'])
+def test_host_paths_outside_the_jobs_workspaces_are_refused_before_adb_runs(
+        handset, workspace, tmp_path, call):
+    outside = tmp_path / 'outside'
+    outside.mkdir()
+    with pytest.raises(PathError, match='not in a workspace of this job'):
+        call(handset, outside)
+    assert not (handset.dir / 'calls').exists()
+
+
+@pytest.mark.parametrize('path', ['relative.txt', '{workspace}/../escape.txt'])
+def test_relative_and_climbing_host_paths_are_refused(handset, workspace, path):
+    with pytest.raises((ValueError, PathError)):
+        handset.pull('/sdcard/x', path.format(workspace=workspace))
+    assert not (handset.dir / 'calls').exists()
+
+
+def test_a_link_in_a_workspace_leading_out_is_refused(handset, workspace, tmp_path):
+    (tmp_path / 'secret.txt').write_text('secret')
+    os.symlink(tmp_path / 'secret.txt', workspace / 'link.txt')
+    with pytest.raises(PathError):
+        handset.push(str(workspace / 'link.txt'), '/sdcard/x')
+
+
+@requires_bwrap
+def test_shell_runs_in_the_sandbox(handset, isolated):
+    assert handset.shell(f'kill -0 {os.getpid()} 2>/dev/null && echo broker-visible '
+                         '|| echo isolated') == 'isolated\n'
+
+
+@requires_bwrap
+def test_push_and_pull_work_through_the_sandbox(handset, isolated, workspace):
+    (workspace / 'data.txt').write_text('payload')
+    handset.push(str(workspace / 'data.txt'), '/sdcard/data.txt')
+    handset.pull('/sdcard/data.txt', str(workspace / 'back.txt'))
+    assert (workspace / 'back.txt').read_text() == 'payload'
+
+
+@pytest.mark.parametrize('enabled', [False, pytest.param(True, marks=requires_bwrap)],
+                         ids=['plain', 'sandboxed'])
+def test_kill_for_the_handset_ends_its_shell_command(handset, tmp_path, enabled):
+    box = Sandbox(enabled)
+    box.allow_write(os.environ['AVE_TEST_ADB'])
+    outcome = {}
+
+    def long_shell():
+        try:
+            handset.shell('echo started > started; sleep 60')
+        except Exception as err:  # the test looks at what happened
+            outcome['error'] = err
+    with installed(box):
+        thread = threading.Thread(target=long_shell, daemon=True)
+        thread.start()
+        assert wait_until(lambda: (handset.dir / 'fs' / 'started').exists(), 5)
+        box.kill(handset)
+        thread.join(5)
+    assert isinstance(outcome.get('error'), Killed), outcome

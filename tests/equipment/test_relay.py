@@ -7,6 +7,7 @@ a circuit was switched to into a file under tmp_path, so a test reads what the r
 import copy
 import json
 import os
+import threading
 import time
 from importlib.metadata import entry_points
 
@@ -16,6 +17,9 @@ from ave.config import ConfigError, load_broker_config
 from ave.equipment import ENTRY_POINT_GROUP, EquipmentType, load_types
 from ave.equipment.relay import RELAY, Relay, RelayError, RelayProfile
 from ave.exceptions import details_of, exception_factory
+from ave.sandbox import Killed, Sandbox
+from sandboxes import installed, requires_bwrap
+from support import wait_until
 
 # Every test runs a handful of short commands; the hung-command case waits for a
 # half-second timeout. Ten seconds is generous for all of them.
@@ -378,3 +382,58 @@ def test_setup_after_a_clean_release_runs_no_commands(entry, states):
         'a relay released cleanly is at its defaults: nothing may be switched again'
     assert relay.get_circuits() == {'usb.pc.vcc': 'closed', 'battery': 'open',
                                     'reset': 'open'}
+
+
+# --- the sandbox ----------------------------------------------------------------------
+
+HOST_ONLY_DEVICES = ('/dev/fuse', '/dev/kmsg', '/dev/loop-control', '/dev/net/tun')
+
+
+@pytest.fixture
+def isolated(tmp_path, states):
+    """An enabled sandbox in which the state files' directory is writable."""
+    box = Sandbox(True)
+    box.allow_write(str(tmp_path))
+    with installed(box):
+        yield box
+
+
+@requires_bwrap
+def test_circuit_commands_run_as_configured_even_when_jobs_are_isolated(entry, states,
+                                                                        isolated):
+    node = next((path for path in HOST_ONLY_DEVICES if os.path.exists(path)), None)
+    if node is None:
+        pytest.skip(f'none of {HOST_ONLY_DEVICES} exists on this host')
+    check = f'test -c {node} && echo host-dev || echo private-dev'
+    entry['circuits']['battery']['close'] = ['sh', '-c', f'({check}) > "$0"',
+                                             str(states['battery'])]
+    make_relay(entry).set_circuit('battery', True)
+    assert state_of(states['battery']).split() == ['host-dev'], \
+        "the lab owner's relay tool did not see the host's devices"
+
+
+@pytest.mark.parametrize('enabled', [False, pytest.param(True, marks=requires_bwrap)],
+                         ids=['plain', 'sandboxed'])
+def test_a_killed_switch_raises_killed_and_teardown_still_resets(entry, states, tmp_path,
+                                                                 enabled):
+    started = tmp_path / 'started'
+    entry['circuits']['battery']['close'] = ['sh', '-c', 'touch "$0"; sleep 60', str(started)]
+    relay = make_relay(entry)
+    box = Sandbox(enabled)
+    box.allow_write(str(tmp_path))
+    outcome = {}
+
+    def switch():
+        try:
+            relay.set_circuit('battery', True)
+        except Exception as err:  # the test looks at what happened
+            outcome['error'] = err
+    with installed(box):
+        thread = threading.Thread(target=switch, daemon=True)
+        thread.start()
+        assert wait_until(started.exists, 5)
+        box.kill(relay)
+        thread.join(5)
+        relay._teardown()
+    assert isinstance(outcome.get('error'), Killed), outcome
+    assert state_of(states['battery']) == 'open', 'teardown after kill() must still reset'

@@ -5,12 +5,15 @@ a profile and settings, ``_setup()``, call methods, ``_teardown()``. Every works
 root lives under the test's tmp_path; git runs only against local repositories.
 """
 import hashlib
+import json
 import os
 import shutil
 import stat
+import threading
 import time
 import zipfile
 
+import psutil
 import pytest
 
 from ave.config import ConfigError, create_default
@@ -19,6 +22,8 @@ from ave.equipment.workspace import (
     REPLY_LIMIT, WORKSPACE, MissingTool, PathError, Workspace, WorkspaceError,
     WorkspaceProfile, WorkspaceType)
 from ave.exceptions import RunError, Timeout
+from ave.sandbox import Killed, Sandbox
+from sandboxes import installed, requires_bwrap
 
 GIT = shutil.which('git')
 needs_git = pytest.mark.skipif(GIT is None, reason='git is not installed on this machine')
@@ -35,13 +40,19 @@ def settings(tmp_path):
             'pretty': None}
 
 
-@pytest.fixture
-def ws(settings):
-    """A set-up workspace, torn down afterwards whatever the test did to it."""
-    workspace = Workspace(WORKSPACE.create(settings), settings)
-    workspace._setup()
-    yield workspace
-    workspace._teardown()
+@pytest.fixture(params=['plain', pytest.param('sandboxed', marks=requires_bwrap)])
+def ws(request, settings):
+    """A set-up workspace, torn down afterwards whatever the test did to it.
+
+    Every test that uses it runs twice: with commands run plainly, and in a sandbox
+    that hides the workspace root, as a session's would.
+    """
+    box = Sandbox(request.param == 'sandboxed', hidden=[settings['root']])
+    with installed(box):
+        workspace = Workspace(WORKSPACE.create(settings), settings)
+        workspace._setup()
+        yield workspace
+        workspace._teardown()
 
 
 @pytest.fixture
@@ -385,9 +396,20 @@ def test_run_of_a_missing_program_is_a_run_error(ws):
 
 
 @pytest.mark.timeout(90)
-def test_run_refuses_output_too_large_for_a_reply(ws):
-    with pytest.raises(WorkspaceError, match='exit code 0'):
-        ws.run(['head', '-c', str(REPLY_LIMIT + 1), '/dev/zero'])
+def test_run_keeps_the_end_of_output_too_large_for_a_reply(ws):
+    extra = 1024 * 1024
+    code, output = ws.run(['sh', '-c', f'head -c {REPLY_LIMIT + extra} /dev/zero | '
+                                       f'tr "\\0" x; echo THE-END'])
+    assert code == 0 and output.rstrip().endswith('THE-END'), 'the end of the output is lost'
+    assert output.startswith('[ave.cmd: ') and 'characters of output cut' in output, \
+        f'the cut is not announced: {output[:100]!r}'
+    assert len(json.dumps(output)) <= REPLY_LIMIT
+
+
+@pytest.mark.timeout(90)
+def test_run_output_json_escapes_heavily_is_cut_until_it_fits(ws):
+    code, output = ws.run(['sh', '-c', f'head -c {REPLY_LIMIT // 2} /dev/zero | tr "\\0" "\\001"'])
+    assert code == 0 and len(json.dumps(output)) <= REPLY_LIMIT, 'the reply does not fit'
 
 
 # --- zip and unzip -----------------------------------------------------------------------
@@ -696,3 +718,93 @@ def test_git_methods_without_git_raise_missing_tool(settings, tmp_path):
         assert workspace.has_tool('git') is False
     finally:
         workspace._teardown()
+
+
+# --- isolation: commands a job chooses run in the session's sandbox --------------------
+
+@needs_git
+@pytest.mark.timeout(60)
+def test_download_git_refuses_the_ext_transport_that_runs_commands(ws, tmp_path):
+    planted = tmp_path / 'planted-by-ext'
+    with pytest.raises(RunError, match='fetching'):
+        ws.download_git(f'ext::sh -c touch% {planted}', 'HEAD', dst='x')
+    assert not planted.exists(), 'git ran a command named in the URL'
+
+
+@needs_git
+@requires_bwrap
+@pytest.mark.timeout(60)
+def test_git_runs_repository_hooks_only_inside_the_sandbox(settings, origin_repo):
+    with installed(Sandbox(True, hidden=[settings['root']])):
+        workspace = Workspace(WORKSPACE.create(settings), settings)
+        workspace._setup()
+        try:
+            origin = origin_repo(workspace)
+            repo = workspace.make_git('checkout')
+            hook = os.path.join(repo, '.git', 'hooks', 'post-checkout')
+            write(workspace, hook, f'#!/bin/sh\nkill -0 {os.getpid()} 2>/dev/null '
+                                   '&& echo broker-visible > hook.txt '
+                                   '|| echo isolated > hook.txt\n')
+            os.chmod(hook, 0o755)
+            workspace.download_git(origin, 'HEAD', dst='checkout')
+            assert workspace.cat('checkout/hook.txt') == 'isolated\n'
+        finally:
+            workspace._teardown()
+
+
+@pytest.fixture
+def origin_repo():
+    """``make(workspace)``: a one-commit repository in ``workspace``; returns its path."""
+    def make(workspace):
+        repo = workspace.make_git('origin')
+        commit(workspace, repo, 'f.txt', 'one')
+        return repo
+    return make
+
+
+@requires_bwrap
+def test_run_cannot_read_the_broker_keys_or_another_jobs_workspace(settings, tmp_path):
+    dot_ave = tmp_path / 'home' / '.ave'
+    (dot_ave / 'config').mkdir(parents=True)
+    (dot_ave / 'config' / 'authkeys.json').write_text('{"admin": "top secret"}')
+    theirs = Workspace(WORKSPACE.create(settings), settings)  # another session's
+    theirs._setup()
+    try:
+        write(theirs, 'results.txt', 'theirs')
+        with installed(Sandbox(True, hidden=[str(dot_ave), settings['root']])):
+            mine = Workspace(WORKSPACE.create(settings), settings)
+            mine._setup()
+            try:
+                code, output = mine.run(['cat', str(dot_ave / 'config' / 'authkeys.json'),
+                                         os.path.join(theirs.get_path(), 'results.txt')])
+            finally:
+                mine._teardown()
+        assert code != 0 and 'top secret' not in output and 'theirs' not in output, output
+    finally:
+        theirs._teardown()
+
+
+def test_teardown_kills_the_workspaces_running_commands_first(ws):
+    seconds = f'{700 + os.getpid() % 100}.{time.time_ns() % 10 ** 6}'
+    outcome = {}
+
+    def long_run():
+        try:
+            outcome['result'] = ws.run(['sleep', seconds])
+        except Exception as err:  # the test looks at what happened
+            outcome['error'] = err
+    thread = threading.Thread(target=long_run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not _sleeping(seconds) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    started = time.monotonic()
+    ws._teardown()
+    thread.join(5)
+    assert time.monotonic() - started < 2 and isinstance(outcome.get('error'), Killed), outcome
+    assert not _sleeping(seconds) and not os.path.exists(ws.get_path())
+
+
+def _sleeping(seconds):
+    return [proc for proc in psutil.process_iter(['cmdline'])
+            if proc.info['cmdline'] == ['sleep', seconds]]

@@ -8,21 +8,28 @@ import pytest
 
 from ave.network import framing, protocol
 from ave.network.connection import Connection
-from ave.network.control import rpc
-from conftest import Service
+from ave.network.control import Control, rpc
 
 pytestmark = pytest.mark.timeout(10)
 
 
-class Deferring(Service):
+class Deferring(Control):
     """A service whose RPCs answer later, and one that serves a side link meanwhile."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+        self.hook_calls = []
         self.owed = []
         self.side = None
         self.seen_callers = []
         self.gate = threading.Event()
+
+    def lost_connection(self, connection, authkey):
+        self.hook_calls.append(['lost_connection', authkey])
+
+    @rpc
+    def echo(self, value):
+        return value
 
     @rpc
     def later(self):
