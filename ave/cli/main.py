@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -119,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except (Failure, AveException, ConnectionException) as error:
         return _fail(_one_line(str(error)) or type(error).__name__)
+    except BrokenPipeError:
+        _silence_stdout()  # the reader left (ave list | head): nothing more to tell it
+        return 1
     except OSError as error:
         where = f'{error.filename}: ' if error.filename else ''
         return _fail(f'{where}{error.strerror or error}')
@@ -178,6 +182,13 @@ def _finite_seconds(text: str) -> float:
 def _one_line(text: str) -> str:
     """A message fit for one line of stderr: the lines of a longer one joined."""
     return '; '.join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _fail(message: str, status: int = 1) -> int:

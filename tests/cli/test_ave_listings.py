@@ -5,11 +5,13 @@ import getpass
 import json
 import os
 import socket
+import subprocess
 
 import pytest
 
 from ave.broker import Broker
 from broker.conftest import free_port
+from cli.conftest import AVE
 from support import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -97,6 +99,17 @@ def test_no_broker_at_the_address_is_one_line(ave):
     assert result.returncode == 1
     assert result.stderr.startswith(f'ave: no broker listens on 127.0.0.1:{port}'), result.stderr
     assert result.stderr.count('\n') == 1, result.stderr
+
+
+def test_a_reader_that_leaves_early_ends_the_listing_quietly(lab):
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([*AVE, 'list', '--all', '--home', lab.home], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=30)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (1, ''), result.stderr
 
 
 # -- ave who ------------------------------------------------------------------------------
