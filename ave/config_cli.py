@@ -8,6 +8,7 @@ work failed or a file is wrong (one line on stderr says why, the same line
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -71,7 +72,10 @@ def _run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         if args.user is None and sys.stdin.isatty():
             print('account name to run AVE (end with Ctrl-D):', file=sys.stderr)
         return config.create_etc(args.etc_path, args.user)
-    return config.create_default(config.resolve_home(args.home, args.etc_path))
+    home = config.resolve_home(args.home, args.etc_path)
+    new_home = not os.path.isdir(home)
+    created, skipped = config.create_default(home)
+    return ([home] if new_home else []) + created, skipped
 
 
 def _check(args: argparse.Namespace) -> int:
