@@ -77,7 +77,10 @@ def relay_command(args: argparse.Namespace) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    job = args.job or job_label() or shlex.join(args.command_line)
+    """Hold the equipment while the command runs. Unless told otherwise, the job
+    label others see in ``ave who`` is the program's name: its arguments stay
+    private, as they may carry tokens or passwords."""
+    job = args.job or job_label() or args.command_line[0]
     with client(target_of(args), job=job) as broker:
         proxies = allocate(broker, args.profiles, args.wait)
         profiles = [proxy.profile for proxy in proxies]
