@@ -159,7 +159,8 @@ def _launch(home: str, broker: daemon.BrokerDaemon, done: str,
         what = failure if isinstance(failure, str) else failure()
         raise Failure(f'{what}: {error}') from None
     print(f'{done}, pid {pid}{note}')
-    _print_details(home, broker.config)
+    _print_details(home, _listening(psutil.Process(pid))
+                   or (broker.config['host'], broker.config['port']))
     return 0
 
 
@@ -176,18 +177,34 @@ def _stop(home: str, args: argparse.Namespace) -> int:
 
 def _status(home: str, args: argparse.Namespace) -> int:
     status = daemon.find_broker(home)
-    if status.pid is None:
+    if status.process is None:
         print(_not_running(status))
         return 1
     print(f'running, pid {status.pid}')
-    _print_details(home, config.load_broker_config(home))
+    address = _listening(status.process)
+    if address is None:
+        configured = config.load_broker_config(home)
+        address = (configured['host'], configured['port'])
+    _print_details(home, address)
     return 0
 
 
-def _print_details(home: str, broker_config: dict) -> None:
-    """Address, home, log file, isolation and version of the broker serving ``home``,
-    as it reports them itself; from ``broker_config`` when it does not answer."""
-    host, port = broker_config['host'], broker_config['port']
+def _listening(process: psutil.Process) -> tuple[str, int] | None:
+    """Where the broker process listens now (broker.json may have changed since it
+    started); None when that cannot be seen."""
+    try:
+        sockets = [c.laddr for c in process.net_connections(kind='inet')
+                   if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        return None
+    return (sockets[0].ip, sockets[0].port) if sockets else None
+
+
+def _print_details(home: str, address: tuple[str, int]) -> None:
+    """Address, home, log file, isolation and version of the broker at ``address``,
+    as it reports them itself (its ``status()`` RPC). A broker that does not answer
+    gets what can be known without it, and the isolation broker.json asks for."""
+    host, port = address
     try:
         with RemoteControl((_WILDCARDS.get(host, host), port), None,
                            timeout=STATUS_TIMEOUT, optimist=False) as broker:
@@ -198,17 +215,24 @@ def _print_details(home: str, broker_config: dict) -> None:
         print(f'address    {host}:{port}')
         print(f'home       {home}')
         print(f'log        {os.path.join(daemon.log_dir(home), logfile.LOG_FILE)}')
-        print(f'isolation  {broker_config["isolation"]} (as broker.json says: the broker '
-              f'did not report its status: {printable(str(error))})')
+        print(f'isolation  {_configured_isolation(home)} (the broker did not report its '
+              f'status: {printable(str(error))})')
         return
-    address = status.get('address')
-    where = f'{address[0]}:{address[1]}' if isinstance(address, list) and len(address) == 2 \
-        else f'{host}:{port}'
+    reported = status.get('address')
+    where = f'{reported[0]}:{reported[1]}' if isinstance(reported, list) \
+        and len(reported) == 2 else f'{host}:{port}'
     for name, value in (('address', where), ('home', status.get('home')),
                         ('log', status.get('log')), ('isolation', status.get('isolation')),
                         ('version', status.get('version')), ('lab', status.get('lab'))):
         if value is not None:
             print(f'{name:<10} {printable(str(value))}')
+
+
+def _configured_isolation(home: str) -> str:
+    try:
+        return f'{config.load_broker_config(home)["isolation"]} as broker.json asks'
+    except config.ConfigError:
+        return 'unknown'
 
 
 def _hickup(home: str, args: argparse.Namespace) -> int:

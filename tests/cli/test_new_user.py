@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from support import first_line, reported_pid
@@ -70,14 +71,32 @@ def test_status_says_pid_address_home_log_isolation_and_version(broker):
     assert told['version']
 
 
-def test_status_of_a_broker_that_does_not_answer_says_what_the_config_says(broker):
-    broker.write_broker_json({**broker.broker_json, 'port': 1, 'isolation': 'off'})
-    result = broker.cli('--status')
+def test_status_reports_where_the_broker_listens_even_after_broker_json_changed(broker):
+    broker.write_broker_json({**broker.broker_json, 'port': 1})
+    told = details(broker.cli('--status').stdout)
+    assert told['address'] == f'127.0.0.1:{broker.port}' and told['version'], told
+
+
+def test_status_of_a_broker_that_does_not_answer_says_what_can_be_known(broker):
+    broker.write_broker_json({**broker.broker_json, 'isolation': 'off'})
+    daemon = psutil.Process(broker.pid)
+    daemon.suspend()
+    try:
+        result = broker.cli('--status')
+    finally:
+        daemon.resume()
     assert first_line(result.stdout) == f'running, pid {broker.pid}'
     told = details(result.stdout)
-    assert told['address'] == '127.0.0.1:1'
-    assert told['isolation'].startswith('off (as broker.json says: the broker did not '
-                                        'report its status'), told
+    assert told['address'] == f'127.0.0.1:{broker.port}' and told['home'] == broker.home
+    assert told['isolation'].startswith('off as broker.json asks (the broker did not '
+                                        'report its status: '), told
+
+
+def test_status_of_a_running_broker_with_a_broken_broker_json_still_says_running(broker):
+    broker.write_config(broker.config_path('broker.json'), '{')
+    result = broker.cli('--status')
+    assert result.returncode == 0, result.stderr
+    assert details(result.stdout)['address'] == f'127.0.0.1:{broker.port}'
 
 
 def test_start_says_where_the_broker_is(broker_home):
