@@ -6,8 +6,9 @@ starting with ``ave-broker: ``.
 
 ``--start``, ``--restart`` and ``--status`` print ``started, pid N`` (``restarted``,
 ``running``) and then one ``name  value`` line each for the address, home, log
-file, isolation mode and version, as the running broker reports them (its
-``status()`` RPC; from broker.json, and said so, when it does not answer).
+file, isolation mode and version, as the broker reports them (its ``status()`` RPC,
+asked where the process listens, which broker.json may no longer say); when it
+does not answer, what is known without it and the isolation broker.json asks for.
 
 ``--list`` and ``--list-all`` print one line per item, sorted: type, identity, then
 ``key=value`` for the other profile keys in key order, lists joined by commas and
