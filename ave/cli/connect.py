@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ave import config
 from ave.broker import Broker
-from ave.equipment import load_types
+from ave.equipment import EquipmentType, load_types
 
 #: A broker bound to every address is reached through the loopback address.
 _WILDCARDS = {'0.0.0.0': '127.0.0.1', '::': '::1'}
@@ -91,11 +91,24 @@ def admin_key(home: str) -> str:
 
 @functools.cache
 def identities() -> dict[str, str]:
-    """Each installed equipment type's identity key (``uid``, ``serial``); a broken
-    plug-in leaves the others usable, since only the display depends on it."""
+    """Each installed equipment type's identity key (``uid``, ``serial``)."""
+    return {name: kind.identity for name, kind in _types().items()}
+
+
+def with_defaults(profile: dict) -> dict:
+    """``profile`` as the broker matches it: its type's request defaults added (a
+    handset request means a booted handset unless it says otherwise)."""
+    kind = _types().get(str(profile.get('type')))
+    return profile if kind is None else {**kind.request_defaults, **profile}
+
+
+@functools.cache
+def _types() -> dict[str, EquipmentType]:
+    """The installed equipment types; a broken plug-in leaves ``ave`` usable, since
+    only labels and hints depend on them."""
     try:
-        return {name: kind.identity for name, kind in load_types().items()}
-    except Exception:  # a plug-in is code we do not control; only labels depend on it
+        return load_types()
+    except Exception:  # a plug-in is code we do not control
         return {}
 
 

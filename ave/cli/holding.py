@@ -27,7 +27,7 @@ from ave.broker.client import ResourceProxy, job_label
 from ave.broker.exceptions import Busy, NoSuch
 from ave.broker.suggest import first_hint
 from ave.cli.connect import (Failure, admin_key, client, home_of, identities,
-                             identity_value, item_key, target_of)
+                             identity_value, item_key, target_of, with_defaults)
 from ave.cli.profiles import Request
 from ave.cli.table import holder_text, profile_text
 from ave.exceptions import AveException
@@ -142,7 +142,9 @@ def _with_hint(message: str, broker: Broker, requests: list[Request]) -> str:
                  if isinstance(entry, dict) and isinstance(entry.get('profile'), dict)]
     except (AveException, ConnectionException):
         return message
-    hint = first_hint(requests, known, identities())
+    asked = [[with_defaults(p) for p in request] if isinstance(request, list)
+             else with_defaults(request) for request in requests]
+    hint = first_hint(asked, known, identities())
     return f'{message}; {hint}' if hint and hint not in message else message
 
 

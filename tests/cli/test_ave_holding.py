@@ -280,3 +280,9 @@ def test_a_job_keeps_its_equipment_while_ave_lists(lab, ave):
     lab._clients.append(client)
     client.get({'type': 'relay', 'uid': 'r1'})
     assert states(ave)['r1'] == 'held'
+
+
+def test_hint_counts_the_request_defaults_of_the_type(start_broker, ave_for):
+    lab = start_broker(equipment=[{'type': 'handset', 'serial': 'CB5A'}])
+    error = one_line_failure(ave_for(lab.home)('hold', 'handset'))
+    assert "no handset has power_state 'boot_completed' (known: offline)" in error, error
