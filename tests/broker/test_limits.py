@@ -9,6 +9,7 @@ import resource
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import psutil
@@ -273,3 +274,32 @@ def test_restart_with_a_full_home_leaves_the_running_broker_serving(small_home,
     result = lab.cli('--restart')
     assert result.returncode == 0, result.stderr
     assert workspace.get_path()
+
+
+def test_a_command_printing_200_mb_keeps_its_session_small(start_broker):
+    lab = start_broker()
+    workspace = lab.client(timeout=60).get({'type': 'workspace'})
+    workspace.get_path()
+    session = next(p for p in psutil.Process(lab.pid).children()
+                   if p.name().startswith('ave-broker-sess'))
+    before = session.memory_info().rss
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            with contextlib.suppress(psutil.Error):
+                peak[0] = max(peak[0], session.memory_info().rss)
+            time.sleep(0.005)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        code, output = workspace.run(['sh', '-c', 'head -c 200000000 /dev/zero | '
+                                                  'tr "\\0" x; echo THE-END'])
+    finally:
+        done.set()
+        sampler.join(5)
+    assert code == 0 and output.rstrip().endswith('THE-END')
+    assert 'characters of output cut' in output[:200]
+    growth = peak[0] - before
+    assert growth < 160 * MiB, f'200 MB of output grew the session by {growth >> 20} MiB'
