@@ -38,7 +38,8 @@ DEFAULT_HOST = '127.0.0.1'
 DEFAULT_PORT = 4000
 
 _POLICIES = ('share', 'forward')
-BROKER_KEYS = ('host', 'port', 'stacks', 'remote', 'equipment', 'limits', 'isolation')
+BROKER_KEYS = ('host', 'port', 'stacks', 'remote', 'equipment', 'limits', 'isolation',
+               'queue')
 ISOLATION_MODES = ('auto', 'required', 'off')
 
 #: What one peer, or all of them, may make a broker hold (DESIGN.md, "Limits"); each
@@ -51,6 +52,13 @@ LIMITS: dict[str, tuple[int | float, int | float, int | float]] = {
     'handshake_s': (10.0, 0.5, 300.0),
     'sessions': (1024, 1, 65536),
     'sessions_per_address': (256, 1, 65536),
+}
+
+#: How waiting requests are ordered and how many may wait (DESIGN.md, "Waiting"):
+#: a request gains one priority level per ``aging_s`` seconds waited.
+QUEUE: dict[str, tuple[int | float, int | float, int | float]] = {
+    'aging_s': (600.0, 1.0, 10 ** 7),
+    'limit': (1000, 1, 100_000),
 }
 _REMOTE_KEYS = ('host', 'port', 'policy', 'authkey')
 _WORKSPACE_KEYS = ('root', 'tools', 'pretty', 'limits')
@@ -264,7 +272,8 @@ def load_broker_config(home: str,
 
     Returns ``{'host': str, 'port': int, 'stacks': [[profile dict, ...], ...],
     'remote': None or {'host', 'port', 'policy', 'authkey'}, 'equipment': [dict, ...],
-    'limits': {name: number} (every name in LIMITS), 'isolation': str}``.
+    'limits': {name: number} (every name in LIMITS), 'isolation': str,
+    'queue': {name: number} (every name in QUEUE)}``.
 
     Here an equipment entry or stack member is only checked to be an object with a
     string ``type``; what else it needs depends on its type, which only the equipment
@@ -281,7 +290,8 @@ def load_broker_config(home: str,
         'stacks': _stacks(check, data.get('stacks', [])),
         'remote': _remote(check, data['remote']) if 'remote' in data else None,
         'equipment': _equipment(check, data.get('equipment', [])),
-        'limits': _limits(check, data.get('limits', {})),
+        'limits': _numbers(check, 'limits', data.get('limits', {}), LIMITS),
+        'queue': _numbers(check, 'queue', data.get('queue', {}), QUEUE),
         'isolation': check.choice('isolation', data.get('isolation', 'auto'),
                                   ISOLATION_MODES),
     }
@@ -309,15 +319,18 @@ def _remote(check: _Checker, value: Any) -> dict[str, Any]:
             'authkey': check.string_or_null('remote.authkey', data.get('authkey'), secret=True)}
 
 
-def _limits(check: _Checker, value: Any) -> dict[str, int | float]:
-    """Every limit, from broker.json where given, else its default."""
-    data = check.json_object('limits', value, LIMITS)
-    limits: dict[str, int | float] = {}
-    for name, (default, low, high) in LIMITS.items():
+def _numbers(check: _Checker, field: str, value: Any,
+             known: dict[str, tuple[int | float, int | float, int | float]]
+             ) -> dict[str, int | float]:
+    """An object of numbers (``limits``, ``queue``): each from broker.json where
+    given, else its default, checked against its range."""
+    data = check.json_object(field, value, known)
+    numbers: dict[str, int | float] = {}
+    for name, (default, low, high) in known.items():
         given = data.get(name, default)
-        limits[name] = check.number(f'limits.{name}', given, low, high,
-                                    integer=isinstance(default, int))
-    return limits
+        numbers[name] = check.number(f'{field}.{name}', given, low, high,
+                                     integer=isinstance(default, int))
+    return numbers
 
 
 def _equipment(check: _Checker, value: Any) -> list[dict]:

@@ -12,14 +12,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from ave import sandbox
-from ave.broker import takeover
+from ave import __version__
+from ave.broker import listing, takeover
 from ave.broker.allocator import Allocator, Key
-from ave.broker.exceptions import Busy, NoSuch
+from ave.broker.exceptions import Busy
 from ave.broker.sessions import SessionKeeper
+from ave.broker.waiting import Waiting
 from ave.broker.state import BrokerState, Client, identity_of
 from ave.equipment import EquipmentType
 from ave.exceptions import AuthError, AveException
@@ -58,8 +61,10 @@ class BrokerServer(Control):
             self.allocator.add(types[entry['type']].profile_of(entry), entry, static=True)
         self.state = BrokerState()
         self.keeper = SessionKeeper(self)
+        self.waiting = Waiting(self, config['queue']['aging_s'], config['queue']['limit'])
         self.lister: Process | None = None
         self.isolation = Isolation.decide(config['isolation'])
+        self.allocations_total = 0
 
     # -- client RPCs -------------------------------------------------------------------
 
@@ -71,25 +76,15 @@ class BrokerServer(Control):
         client.identity = identity_of(identity, client.address)
 
     @Control.rpc
-    def get(self, *profiles: Any) -> dict:
+    def get(self, *profiles: Any, wait: Any = 0, priority: Any = 0) -> dict | None:
         """Allocate every requested profile (tuples: one stack) or nothing at all.
 
-        On failure the client's session is closed and everything it held is freed, so
-        no client can sit on half a set while it retries.
+        ``wait`` seconds (None: no limit) the request waits its turn while the
+        equipment is held by others; the reply comes when it is granted, else Busy.
+        On failure the client's session is closed and everything it held is freed,
+        so no client can sit on half a set while it retries.
         """
-        client = self._client()
-        request = _parse_request(profiles)
-        try:
-            items = self.allocator.allocate(client.holder, request)
-        except (Busy, NoSuch):
-            self._close_session(client)
-            raise
-        keys = [self.allocator.key_of(item.profile) for item in items]
-        try:
-            return self._hand_out(client, keys)
-        except Exception:
-            self._roll_back(client, keys)
-            raise
+        return self.waiting.get(self._client(), _parse_request(profiles), wait, priority)
 
     def _roll_back(self, client: Client, keys: list[Key]) -> None:
         """A get failed after its items were chosen: none of them stays held.
@@ -104,10 +99,19 @@ class BrokerServer(Control):
             if record is None or key not in record.keys:
                 item = self.allocator.items[key]
                 self.allocator.finish_release(key, clean=not item.tainted)
-        self._close_session(client)
+        self.end_session(client)
+        self.waiting.schedule()
+
+    def hand_out(self, client: Client, keys: list[Key]) -> dict:
+        """Give items the client was granted to its session (started if it has none);
+        the result of its get. A failure rolls the grant back."""
+        try:
+            return self._hand_out(client, keys)
+        except Exception:
+            self._roll_back(client, keys)
+            raise
 
     def _hand_out(self, client: Client, keys: list[Key]) -> dict:
-        """Give chosen items to the client's session (started if it has none)."""
         if client.session is None:
             self._check_session_caps(client)
         session = client.session or self.keeper.start(client)
@@ -121,6 +125,7 @@ class BrokerServer(Control):
             profiles.append(dict(item.profile))
         log.info('allocated %s to %s', ', '.join(f'{k[0]} {k[1]}' for k in keys),
                  _who(client))
+        self.allocations_total += 1
         return {'session': [None, session.port], 'authkey': session.authkey,
                 'resources': profiles}
 
@@ -141,7 +146,7 @@ class BrokerServer(Control):
             return  # the session ended: its equipment is being reclaimed already
         for key in keys:
             profile = dict(self.allocator.items[key].profile)
-            self.allocator.begin_release(key)
+            self._begin_release(key, client)
             self.notify(client.session.link, 'remove_resource', profile)
 
     @Control.rpc
@@ -150,6 +155,42 @@ class BrokerServer(Control):
         assert self.caller is not None
         client = self.state.client(self.caller.connection)
         return [] if client is None else self.allocator.allocations(client.holder)
+
+    # -- public views ------------------------------------------------------------------
+
+    @Control.rpc
+    def who(self) -> list[dict]:
+        """Every allocation: ``[{profile, holder, since}]``, holder as announced."""
+        return listing.allocations(self.allocator, self.identity_of)
+
+    @Control.rpc
+    def queue(self) -> list[dict]:
+        """Waiting requests in the order they are served:
+        ``[{position, holder, profiles, priority, waited_s}]``."""
+        return self.waiting.describe()
+
+    @Control.rpc
+    def equipment(self) -> list[dict]:
+        """Every item (workspaces aside): ``[{profile, state, holder, since}]``."""
+        return listing.equipment(self.allocator, self.identity_of)
+
+    @Control.rpc
+    def status(self) -> dict:
+        """What runs here: pid, version, home, address, log and isolation."""
+        return {'pid': os.getpid(), 'version': __version__, 'home': self.home,
+                'address': [self.config['host'], self.port],
+                'log': self.log_path(), 'isolation': self.isolation.describe(),
+                'lab': None, 'sessions': len(self.state.sessions()),
+                'waiting': len(self.waiting.queue)}
+
+    def log_path(self) -> str | None:
+        """Where this broker logs (None: stderr, for a supervisor)."""
+        return None
+
+    def identity_of(self, holder: Any) -> dict:
+        """The identity a holder's client announced ({} for one that has gone)."""
+        client = self.state.client_by_holder(holder)
+        return {} if client is None else client.describe()
 
     # -- administration ----------------------------------------------------------------
 
@@ -183,7 +224,7 @@ class BrokerServer(Control):
             else self.state.client_by_holder(item.holder)
         if client is None or client.session is None:
             raise AveException(f'no session holds {key[0]} {key[1]}')
-        self._close_session(client)
+        self.end_session(client)
 
     @Control.rpc
     @Control.preauth('admin')
@@ -198,12 +239,14 @@ class BrokerServer(Control):
     def add_equipment(self, profile: dict) -> None:
         """A lister reports equipment that appeared or changed."""
         self.allocator.add(_profile(profile))
+        self.waiting.schedule()
 
     @Control.rpc
     @Control.preauth('share')
     def remove_equipment(self, profile: dict) -> None:
         """A lister reports equipment that disappeared (kept while held)."""
         self.allocator.remove(self.allocator.key_of(_profile(profile)))
+        self.waiting.schedule()
 
     @Control.rpc
     @Control.preauth('share')
@@ -212,6 +255,7 @@ class BrokerServer(Control):
         if not isinstance(profiles, list):
             raise AveException('sync_equipment() takes a list of profiles')
         self.allocator.sync(type_name, [_profile(p) for p in profiles])
+        self.waiting.schedule()
 
     # -- session reports ---------------------------------------------------------------
 
@@ -231,8 +275,9 @@ class BrokerServer(Control):
         self.released_item(key, clean=clean is True)
 
     def released_item(self, key: Key, clean: bool) -> None:
-        """An item's teardown is over: it may go to the next holder."""
+        """An item's teardown is over: it goes to the next waiter, if one can use it."""
         self.allocator.finish_release(key, clean=clean)
+        self.waiting.schedule()
 
     # -- starting, restarting, stopping ------------------------------------------------
 
@@ -274,10 +319,13 @@ class BrokerServer(Control):
 
     def export_extra(self, index_of: Callable[[Connection], int | None]) -> dict:
         """State beyond clients, sessions and items that a successor needs."""
-        return {}
+        return {'waiting': self.waiting.export(index_of),
+                'allocations_total': self.allocations_total}
 
     def adopt_extra(self, extra: dict, connections: list[Connection]) -> None:
         """Take over what ``export_extra`` exported."""
+        self.waiting.adopt(extra['waiting'], connections)
+        self.allocations_total = extra['allocations_total']
 
     def let_go(self) -> None:
         """The successor took everything: stop what dies with this process."""
@@ -331,18 +379,26 @@ class BrokerServer(Control):
             client = self.state.add_client(connection, str(connection.address[0]))
         return client
 
-    def _close_session(self, client: Client) -> None:
+    def end_session(self, client: Client) -> None:
         """Free the client's equipment: its session tears it down and exits."""
         for key in self.allocator.held_by(client.holder):
-            self.allocator.begin_release(key)
+            self._begin_release(key, client)
         record = self.state.detach(client)
         if record is not None:
             self.keeper.close(record)
 
+    def _begin_release(self, key: Key, client: Client) -> None:
+        """The holder let go; one log line says who held it and for how long."""
+        item = self.allocator.items[key]
+        held = '' if item.since is None else f' for {time.time() - item.since:.1f} s'
+        log.info('released %s %s held by %s%s', key[0], key[1], _who(client), held)
+        self.allocator.begin_release(key)
+
     def lost_connection(self, connection: Connection, authkey: str | None) -> None:
         client = self.state.remove_client(connection)
         if client is not None:
-            self._close_session(client)
+            self.waiting.client_left(client)
+            self.end_session(client)
         record = self.state.session_of_link(connection)
         if record is not None:
             self.state.forget_link(record)

@@ -16,7 +16,6 @@ import socket as socketlib
 from typing import TYPE_CHECKING, Callable
 
 from ave.broker import handover, systemd
-from ave.broker.allocator import Item
 from ave.broker.exceptions import NoSuch
 from ave.broker.sessions import adopt_process
 from ave.broker.state import BrokerState
@@ -66,7 +65,7 @@ def export_state(server: BrokerServer) -> tuple[dict, list[int]]:
     index = {peer.connection: i for i, (peer, _) in enumerate(peers)}
     state = {
         'peers': [description for _, description in peers],
-        'items': [_item_state(item) for item in server.allocator.items.values()],
+        'items': [item.to_json() for item in server.allocator.items.values()],
         'model': server.state.export(index.get),
         'extra': server.export_extra(index.get),
     }
@@ -130,13 +129,10 @@ def _check_address(server: BrokerServer) -> None:
             f'{wanted[1]}; a move needs ave-broker --stop and --start')
 
 
-def _item_state(item: Item) -> dict:
-    return {'profile': dict(item.profile), 'settings': item.settings,
-            'holder': item.holder, 'releasing': item.releasing, 'present': item.present,
-            'tainted': item.tainted, 'static': item.static}
-
-
 def _adopt_item(server: BrokerServer, entry: dict) -> None:
+    """Take over one item's allocation state. The new configuration wins for what an
+    item is (a declared item keeps its new profile and settings); an item the new
+    broker.json no longer declares stays until nobody holds or reserves it."""
     allocator = server.allocator
     try:
         key = allocator.key_of(entry['profile'])
@@ -145,11 +141,14 @@ def _adopt_item(server: BrokerServer, entry: dict) -> None:
         return
     item = allocator.items.get(key)
     if item is None:
-        if entry['static'] and entry['holder'] is None and not entry['releasing']:
+        if entry['static'] and entry['holder'] is None and not entry['releasing'] \
+                and entry.get('reserved_for') is None:
             return  # no longer in broker.json and nobody holds it
-        allocator.add(entry['profile'], entry['settings'])
-        item = allocator.items[key]
-        item.present = entry['present'] and not entry['static']
+        allocator.restore_item({**entry, 'static': False,
+                                'present': entry['present'] and not entry['static']})
+        return
     item.holder = entry['holder']
     item.releasing = entry['releasing']
     item.tainted = entry['tainted']
+    item.reserved_for = entry.get('reserved_for')
+    item.since = entry.get('since')

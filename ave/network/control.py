@@ -439,6 +439,7 @@ class Control(EventLoop):
         except Exception as error:
             if dispatch.reply is not None:
                 dispatch.reply.done = True
+                dispatch.reply.in_dispatch = False
             if dispatch.is_async:
                 self.throttle.info('async', 'one-way call failed: %s', clip(str(error)))
             else:
@@ -447,7 +448,9 @@ class Control(EventLoop):
         if dispatch.reply is None:
             if not dispatch.is_async:
                 self._send(peer, protocol.encode_result(result))
-        elif not dispatch.reply.done and peer.state == ESTABLISHED:
+            return
+        dispatch.reply.in_dispatch = False
+        if not dispatch.reply.done and peer.state == ESTABLISHED:
             peer.reply_is_async = dispatch.is_async
             self._move(peer, SERVING)
 
@@ -464,7 +467,8 @@ class Control(EventLoop):
         if self._dispatch is None:
             raise RuntimeError('defer() is only possible while serving a request')
         if self._dispatch.reply is None:
-            self._dispatch.reply = Reply(self, self._dispatch.peer, self._dispatch.is_async)
+            self._dispatch.reply = Reply(self, self._dispatch.peer, self._dispatch.is_async,
+                                         in_dispatch=True)
         return self._dispatch.reply
 
     def owed_reply(self, connection: Connection) -> Reply | None:
@@ -479,6 +483,10 @@ class Control(EventLoop):
             return
         reply.done = True
         peer = reply.peer
+        if reply.in_dispatch:  # answered before its own request was done with
+            if not reply.is_async:
+                self._send(peer, encode())
+            return
         if peer.state != SERVING:
             return  # gone, or handed to a successor that answers it
         self._move(peer, ESTABLISHED)

@@ -55,13 +55,15 @@ class Reply:
     for its next request.
     """
 
-    __slots__ = ('_control', 'peer', 'is_async', 'done')
+    __slots__ = ('_control', 'peer', 'is_async', 'done', 'in_dispatch')
 
-    def __init__(self, control: Control, peer: Peer, is_async: bool) -> None:
+    def __init__(self, control: Control, peer: Peer, is_async: bool,
+                 in_dispatch: bool = False) -> None:
         self._control = control
         self.peer = peer
         self.is_async = is_async
         self.done = False
+        self.in_dispatch = in_dispatch  # its request is still being served
 
     @property
     def connection(self) -> Connection:

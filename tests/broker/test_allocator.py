@@ -281,3 +281,162 @@ def test_request_defaults_apply_unless_the_request_says_otherwise(types):
 def test_sync_refuses_profiles_of_another_type(types):
     with pytest.raises(NoSuch):
         make(types).sync('handset', [relay('r1')])
+
+
+# -- what waiting requests need: reservations, avoid-sets, plans, blockers ----------------
+
+def test_allocation_records_since_when_given_the_time(types):
+    allocator = make(types, [relay('r1')])
+    [item] = allocator.allocate('a', [{'type': 'relay'}], now=42.0)
+    assert item.since == 42.0
+
+
+def test_try_allocate_fails_quietly_and_changes_nothing(types):
+    allocator = make(types, [relay('r1')])
+    allocator.allocate('a', [{'type': 'relay'}])
+    assert allocator.try_allocate('b', [{'type': 'workspace'}, {'type': 'relay'}]) is None
+    assert list(allocator.items) == [('relay', 'r1')], 'no stray workspace may remain'
+
+
+def test_reserved_item_goes_to_nobody_else(types):
+    allocator = make(types, [relay('r1')])
+    allocator.reserve('w', [('relay', 'r1')])
+    with pytest.raises(Busy):
+        allocator.allocate('b', [{'type': 'relay'}])
+    assert allocator.available() == [], 'a reserved item is not available'
+    [item] = allocator.allocate('w', [{'type': 'relay'}])
+    assert item.reserved_for is None, 'a granted item is held, no longer reserved'
+
+
+def test_reserve_replaces_the_holders_reservations(types):
+    allocator = make(types, [relay('r1'), relay('r2')])
+    allocator.reserve('w', [('relay', 'r1')])
+    allocator.reserve('w', [('relay', 'r2')])
+    assert allocator.reserved_by('w') == [('relay', 'r2')]
+    allocator.reserve('w', ())
+    assert allocator.reserved_by('w') == []
+
+
+def test_reserving_what_is_not_free_is_refused(types):
+    allocator = make(types, [relay('r1')])
+    allocator.allocate('a', [{'type': 'relay'}])
+    with pytest.raises(ValueError, match='not free'):
+        allocator.reserve('w', [('relay', 'r1')])
+    with pytest.raises(ValueError, match='not free'):
+        allocator.reserve('w', [('relay', 'r9')])
+
+
+def test_reserved_item_makes_its_stack_mates_collateral(types):
+    allocator = make(types, [handset('h1'), relay('r1')], [[handset('h1'), relay('r1')]])
+    allocator.reserve('w', [('handset', 'h1')])
+    with pytest.raises(Busy):
+        allocator.allocate('b', [{'type': 'relay'}])
+    assert keys(allocator.allocate('w', [{'type': 'relay'}])) == [('relay', 'r1')]
+
+
+def test_own_reservations_are_chosen_first(types):
+    allocator = make(types, [relay('r1'), relay('r2')])
+    allocator.reserve('w', [('relay', 'r2')])
+    assert keys(allocator.allocate('w', [{'type': 'relay'}])) == [('relay', 'r2')]
+
+
+def test_avoided_items_and_their_stack_mates_are_not_taken(types):
+    allocator = make(types, [handset('h1'), relay('r1'), relay('r2')],
+                     [[handset('h1'), relay('r1')]])
+    avoid = {('handset', 'h1')}
+    assert keys(allocator.allocate('b', [{'type': 'relay'}], avoid=avoid)) == [('relay', 'r2')]
+    with pytest.raises(Busy):
+        allocator.allocate('c', [{'type': 'relay'}], avoid=avoid)
+
+
+def test_own_reservation_is_never_avoided(types):
+    allocator = make(types, [relay('r1')])
+    allocator.reserve('w', [('relay', 'r1')])
+    got = allocator.allocate('w', [{'type': 'relay'}], avoid={('relay', 'r1')})
+    assert keys(got) == [('relay', 'r1')]
+
+
+def test_plan_prefers_reserved_then_free_then_releasing_then_held(types):
+    allocator = make(types, [relay('held'), relay('resetting'), relay('free'),
+                             relay('mine')])
+    allocator.allocate('a', [relay('held'), relay('resetting')])
+    allocator.begin_release(('relay', 'resetting'))
+    allocator.reserve('w', [('relay', 'mine')])
+    wanted = [{'type': 'relay'}] * 4
+    assert allocator.plan('w', wanted) == [('relay', 'mine'), ('relay', 'free'),
+                                           ('relay', 'resetting'), ('relay', 'held')]
+
+
+def test_plan_is_none_only_when_nothing_could_ever_match(types):
+    allocator = make(types, [relay('r1')])
+    allocator.allocate('a', [{'type': 'relay'}])
+    assert allocator.plan('w', [{'type': 'relay'}]) == [('relay', 'r1')]
+    assert allocator.plan('w', [{'type': 'relay'}] * 2) is None
+
+
+def test_plan_counts_held_items_that_are_unplugged(types):
+    """A rebooting handset leaves the lister's view while held; a waiter keeps its plan."""
+    allocator = make(types, [handset('h1')])
+    allocator.allocate('a', [{'type': 'handset'}])
+    allocator.remove(('handset', 'h1'))
+    assert allocator.plan('w', [{'type': 'handset'}]) == [('handset', 'h1')]
+
+
+def test_plan_leaves_out_on_demand_items(types):
+    allocator = make(types, [relay('r1')])
+    assert allocator.plan('w', [{'type': 'workspace'}, {'type': 'relay'}]) == [('relay', 'r1')]
+    assert list(allocator.items) == [('relay', 'r1')]
+
+
+def test_blockers_say_who_holds_what_and_why(types):
+    allocator = make(types, [handset('h1'), relay('r1'), relay('r2'), relay('r3'),
+                             relay('r4')], [[handset('h1'), relay('r1')]])
+    allocator.allocate('a', [handset('h1')], now=7.0)
+    allocator.allocate('b', [relay('r2'), relay('r3')], now=8.0)
+    allocator.begin_release(('relay', 'r3'))
+    allocator.reserve('w', [('relay', 'r4')])
+    request = [relay('r1'), relay('r2'), relay('r3'), relay('r4')]
+    found = {b.key[1]: (b.reason, b.holder, b.since, b.via)
+             for b in allocator.blockers('c', request)}
+    assert found == {'r1': ('collateral', 'a', 7.0, ('handset', 'h1')),
+                     'r2': ('held', 'b', 8.0, None),
+                     'r3': ('releasing', None, None, None),
+                     'r4': ('reserved', 'w', None, None)}
+
+
+def test_blockers_name_the_claim_of_an_earlier_waiter(types):
+    allocator = make(types, [relay('r1')])
+    [blocker] = allocator.blockers('c', [relay('r1')], {('relay', 'r1'): 'w'})
+    assert (blocker.reason, blocker.holder) == ('claimed', 'w')
+
+
+def test_blockers_are_empty_when_nothing_could_match(types):
+    assert make(types, [relay('r1')]).blockers('c', [relay('r9')]) == []
+
+
+def test_held_equipment_leaves_out_workspaces(types):
+    allocator = make(types, [relay('r1')])
+    allocator.allocate('a', [{'type': 'workspace'}, {'type': 'relay'}])
+    assert allocator.held_equipment('a') == [('relay', 'r1')]
+
+
+def test_item_state_survives_json(types):
+    import json
+    allocator = make(types, [handset('h1'), relay('r1')])
+    allocator.allocate('a', [handset('h1')], now=3.5)
+    allocator.reserve('w', [('relay', 'r1')])
+    state = json.loads(json.dumps([item.to_json() for item in allocator.items.values()]))
+    successor = make(types)
+    for entry in state:
+        successor.restore_item(entry)
+    assert [i.to_json() for i in successor.items.values()] == state
+    assert type(successor.items[('handset', 'h1')].profile) is SerialProfile
+
+
+def test_stack_membership_follows_a_changed_profile(types):
+    allocator = make(types, [relay('r1', slot='x'), relay('r2')],
+                     [[{'type': 'relay', 'slot': 'x'}]])
+    allocator.allocate('a', [relay('r2')])
+    assert allocator.stacks_of(('relay', 'r1')) == (0,)
+    allocator.add(relay('r1', slot='y'))
+    assert allocator.stacks_of(('relay', 'r1')) == ()
