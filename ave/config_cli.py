@@ -12,9 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ave import config
+from ave import __version__, config
 from ave.exceptions import AveException
-from ave.version import version
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                              'named by the etc file, else $HOME, else your account\'s')
     parser.add_argument('--etc-path', metavar='PATH', default=config.ETC_PATH,
                         help='the etc file to write or consult (default: %(default)s)')
-    parser.add_argument('--version', action='version', version=f'%(prog)s {version()}')
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     return parser
 
 

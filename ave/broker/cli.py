@@ -39,14 +39,13 @@ from typing import Any
 
 import psutil
 
-from ave import config, persona
+from ave import __version__, config, persona
 from ave.broker import daemon, logfile
 from ave.cli.table import holder_text, printable, since_text
 from ave.exceptions import AveException
 from ave.network.control import RemoteControl
 from ave.network.exceptions import ConnectionException, ConnectionRefused
 from ave.network.process import StartError
-from ave.version import version
 
 STOP_TIMEOUT = 10.0
 LIST_TIMEOUT = 10.0
@@ -85,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
                         help='the AVE home holding .ave/config, which must exist '
                              f'(default: the home named in {config.ETC_PATH}, else $HOME, '
                              'else your account\'s)')
-    parser.add_argument('--version', action='version', version=f'%(prog)s {version()}')
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     return parser
 
 

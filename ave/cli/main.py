@@ -16,12 +16,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from ave import __version__
 from ave.cli import completion, console, holding, listing
 from ave.cli.connect import Failure, parse_address
 from ave.cli.profiles import SYNTAX, ProfileSyntaxError, parse_profile, parse_request
 from ave.exceptions import AveException
 from ave.network.exceptions import ConnectionException
-from ave.version import version
 
 PROFILE_HELP = (f'equipment to ask for: {SYNTAX}; a value may hold "=" but not ","; a '
                 'JSON list of profiles asks for equipment of one stack')
@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog='ave', description='Look at the lab and use its equipment '
                      'from a shell. Every COMMAND takes --help.')
-    parser.add_argument('--version', action='version', version=f'%(prog)s {version()}')
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True,
                                      parser_class=_Parser)
     where = _Parser(add_help=False)
