@@ -122,7 +122,7 @@ def test_busy_equipment_is_a_set_up_error_in_one_line(pytester, lab):
             raise AssertionError('ran without its equipment')
     ''')
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(['*ave: Busy: equipment is busy*'])
+    result.stdout.fnmatch_lines(['*ave: Busy: *equipment is busy*relay r1 held by*'])
     result.stdout.no_fnmatch_line('*ran without its equipment*')
 
 

@@ -221,8 +221,9 @@ def _print_details(home: str, address: tuple[str, int]) -> None:
     reported = status.get('address')
     where = f'{reported[0]}:{reported[1]}' if isinstance(reported, list) \
         and len(reported) == 2 else f'{host}:{port}'
-    for name, value in (('address', where), ('home', status.get('home')),
-                        ('log', status.get('log')), ('isolation', status.get('isolation')),
+    log = status.get('log') or "stderr, kept by its supervisor (journalctl -u ave-broker)"
+    for name, value in (('address', where), ('home', status.get('home')), ('log', log),
+                        ('isolation', status.get('isolation')),
                         ('version', status.get('version')), ('lab', status.get('lab'))):
         if value is not None:
             print(f'{name:<10} {printable(str(value))}')

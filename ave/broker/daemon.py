@@ -104,6 +104,11 @@ class BrokerDaemon(BrokerServer):
         self.run()
         return 0
 
+    def log_path(self) -> str | None:
+        """The log file a daemon writes; None in the foreground, where the log goes to
+        stderr for the supervisor to keep."""
+        return None if self.foreground else os.path.join(log_dir(self.home), logfile.LOG_FILE)
+
     def redirect(self) -> None:
         """Send the log (and, for a daemon, stray output and tracebacks) somewhere kept.
 

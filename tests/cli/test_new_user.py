@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from support import first_line, reported_pid
+from support import first_line, reported_pid, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -69,6 +69,16 @@ def test_status_says_pid_address_home_log_isolation_and_version(broker):
     assert told['log'] == os.path.join(broker.log_dir, 'broker.log')
     assert told['isolation'] in ('on', 'off')
     assert told['version']
+
+
+def test_status_of_a_foreground_broker_says_its_log_goes_to_the_supervisor(broker_home,
+                                                                           tmp_path):
+    lab = broker_home()
+    with open(tmp_path / 'foreground.err', 'w') as stderr:
+        process = lab.popen('--start', '--foreground', stderr=stderr)
+    assert wait_until(lambda: lab.read_pid_file() == process.pid, timeout=20)
+    told = details(lab.cli('--status').stdout)
+    assert told['log'].startswith('stderr, kept by its supervisor'), told
 
 
 def test_status_reports_where_the_broker_listens_even_after_broker_json_changed(broker):
