@@ -39,7 +39,8 @@ DEFAULT_PORT = 4000
 
 _POLICIES = ('share', 'forward')
 BROKER_KEYS = ('host', 'port', 'stacks', 'remote', 'equipment', 'limits', 'isolation',
-               'queue')
+               'queue', 'http')
+_HTTP_KEYS = ('host', 'port')
 ISOLATION_MODES = ('auto', 'required', 'off')
 
 #: What one peer, or all of them, may make a broker hold (DESIGN.md, "Limits"); each
@@ -273,7 +274,7 @@ def load_broker_config(home: str,
     Returns ``{'host': str, 'port': int, 'stacks': [[profile dict, ...], ...],
     'remote': None or {'host', 'port', 'policy', 'authkey'}, 'equipment': [dict, ...],
     'limits': {name: number} (every name in LIMITS), 'isolation': str,
-    'queue': {name: number} (every name in QUEUE)}``.
+    'queue': {name: number} (every name in QUEUE), 'http': None or {'host', 'port'}}``.
 
     Here an equipment entry or stack member is only checked to be an object with a
     string ``type``; what else it needs depends on its type, which only the equipment
@@ -292,6 +293,7 @@ def load_broker_config(home: str,
         'equipment': _equipment(check, data.get('equipment', [])),
         'limits': _numbers(check, 'limits', data.get('limits', {}), LIMITS),
         'queue': _numbers(check, 'queue', data.get('queue', {}), QUEUE),
+        'http': _http(check, data['http']) if 'http' in data else None,
         'isolation': check.choice('isolation', data.get('isolation', 'auto'),
                                   ISOLATION_MODES),
     }
@@ -317,6 +319,13 @@ def _remote(check: _Checker, value: Any) -> dict[str, Any]:
             'port': check.port('remote.port', data.get('port', DEFAULT_PORT)),
             'policy': policy,
             'authkey': check.string_or_null('remote.authkey', data.get('authkey'), secret=True)}
+
+
+def _http(check: _Checker, value: Any) -> dict[str, Any]:
+    """Where the status page and metrics are served; the port is required."""
+    data = check.json_object('http', value, _HTTP_KEYS)
+    return {'host': check.string('http.host', data.get('host', DEFAULT_HOST)),
+            'port': check.port('http.port', check.required(data, 'port', 'http'))}
 
 
 def _numbers(check: _Checker, field: str, value: Any,

@@ -12,18 +12,19 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket as socketlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ave import sandbox
-from ave import __version__
+from ave import __version__, sandbox
 from ave.broker import listing, takeover
 from ave.broker.allocator import Allocator, Key
 from ave.broker.exceptions import Busy
 from ave.broker.sessions import SessionKeeper
-from ave.broker.waiting import Waiting
 from ave.broker.state import BrokerState, Client, identity_of
+from ave.broker.statuspage import StatusPage
+from ave.broker.waiting import Waiting
 from ave.equipment import EquipmentType
 from ave.exceptions import AuthError, AveException
 from ave.logs import clip
@@ -65,6 +66,9 @@ class BrokerServer(Control):
         self.lister: Process | None = None
         self.isolation = Isolation.decide(config['isolation'])
         self.allocations_total = 0
+        # A successor takes the running HTTP process over instead of binding anew.
+        self.status_page = StatusPage(self, config['http'], bind=takeover_from is None)
+        self.waiting.on_granted = self.status_page.observe_wait
 
     # -- client RPCs -------------------------------------------------------------------
 
@@ -180,12 +184,29 @@ class BrokerServer(Control):
         return {'pid': os.getpid(), 'version': __version__, 'home': self.home,
                 'address': [self.config['host'], self.port],
                 'log': self.log_path(), 'isolation': self.isolation.describe(),
+                'http': self.status_page.describe(),
                 'lab': None, 'sessions': len(self.state.sessions()),
                 'waiting': len(self.waiting.queue)}
 
     def log_path(self) -> str | None:
         """Where this broker logs (None: stderr, for a supervisor)."""
         return None
+
+    def advertised_host(self) -> str:
+        """The name other hosts and people know this broker by."""
+        host = self.config['host']
+        return socketlib.gethostname() if host in ('0.0.0.0', '::') else host
+
+    def invoke(self, function: Callable, vargs: list, kwargs: dict) -> Any:
+        """Every RPC is timed for the metrics, and may have changed what the status
+        page shows."""
+        started = time.perf_counter()
+        try:
+            return function(*vargs, **kwargs)
+        finally:
+            self.status_page.observe_rpc(getattr(function, '__name__', 'other'),
+                                         time.perf_counter() - started)
+            self.status_page.changed()
 
     def identity_of(self, holder: Any) -> dict:
         """The identity a holder's client announced ({} for one that has gone)."""
@@ -290,6 +311,11 @@ class BrokerServer(Control):
             self.prepare_to_serve()
             self.keeper.sweep(self._sweeps())
         self._start_lister()
+        self.status_page.start()
+
+    def close_fds(self, exclude: list[int]) -> None:
+        listener = self.status_page.listener
+        super().close_fds(exclude + ([] if listener is None else [listener.fileno()]))
 
     def prepare_to_serve(self) -> None:
         """What must succeed before this broker serves (a successor: before the old
@@ -320,17 +346,20 @@ class BrokerServer(Control):
     def export_extra(self, index_of: Callable[[Connection], int | None]) -> dict:
         """State beyond clients, sessions and items that a successor needs."""
         return {'waiting': self.waiting.export(index_of),
-                'allocations_total': self.allocations_total}
+                'allocations_total': self.allocations_total,
+                'status_page': self.status_page.export(index_of)}
 
     def adopt_extra(self, extra: dict, connections: list[Connection]) -> None:
         """Take over what ``export_extra`` exported."""
         self.waiting.adopt(extra['waiting'], connections)
         self.allocations_total = extra['allocations_total']
+        self.status_page.adopt(extra['status_page'], connections)
 
     def let_go(self) -> None:
         """The successor took everything: stop what dies with this process."""
         if self.lister is not None:
             self.lister.terminate()
+        self.status_page.let_go()
 
     def run(self) -> None:
         self.serve_imported()
@@ -404,10 +433,12 @@ class BrokerServer(Control):
             self.state.forget_link(record)
 
     def joined_process(self, pid: int, exit: int | None) -> None:
+        self.status_page.changed()
         if self.lister is not None and pid == self.lister.pid:
             self._lister_ended(exit)
             return
-        self.keeper.ended(pid, exit)
+        if not self.status_page.ended(pid, exit):
+            self.keeper.ended(pid, exit)
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,7 @@ class Waiting:
                                            self.server.identity_of, now)
             self.server.end_session(client)
             reply.fail(Busy(f'waited {now - waiter.arrived:.0f} s in vain: {message}'))
+        self.server.status_page.changed()
         self.schedule()
 
     def client_left(self, client: Client) -> None:

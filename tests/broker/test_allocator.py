@@ -440,3 +440,20 @@ def test_stack_membership_follows_a_changed_profile(types):
     assert allocator.stacks_of(('relay', 'r1')) == (0,)
     allocator.add(relay('r1', slot='y'))
     assert allocator.stacks_of(('relay', 'r1')) == ()
+
+
+@pytest.mark.parametrize('fields, expected', [
+    ({}, 'available'),
+    ({'holder': 1}, 'held'),
+    ({'holder': 1, 'present': False}, 'held'),
+    ({'releasing': True}, 'releasing'),
+    ({'reserved_for': 2}, 'reserved'),
+    ({'present': False}, 'offline'),
+    ({'profile': {'type': 'relay', 'uid': 'r1', 'power_state': 'offline'}}, 'offline'),
+])
+def test_an_items_state_as_people_see_it(fields, expected):
+    from ave.broker.allocator import Item
+    from ave.profile import Profile
+    values = {'profile': Profile({'type': 'relay', 'uid': 'r1'}), 'settings': {}, **fields}
+    values['profile'] = Profile(values['profile'])
+    assert Item(**values).state == expected

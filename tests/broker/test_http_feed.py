@@ -102,19 +102,7 @@ def test_pacer_sends_a_heartbeat_when_nothing_changes():
     assert pacer.delay(15.0) == 0.0
 
 
-# -- state_of, build_snapshot -----------------------------------------------------------
-
-@pytest.mark.parametrize('held, releasing, present, power, expected', [
-    (False, False, True, 'online', 'available'),
-    (True, False, True, 'online', 'held'),
-    (True, False, False, 'offline', 'held'),
-    (False, True, True, None, 'releasing'),
-    (False, False, False, None, 'offline'),
-    (False, False, True, 'offline', 'offline'),
-])
-def test_state_of(held, releasing, present, power, expected):
-    assert feed.state_of(held, releasing, present, power) == expected
-
+# -- build_snapshot ---------------------------------------------------------------------
 
 def test_a_built_snapshot_is_json_and_passes_the_check_unchanged():
     timings = feed.RpcTimings()

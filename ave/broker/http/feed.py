@@ -25,7 +25,8 @@ The snapshot (schema version 1; ``ave.broker.http.snapshot`` checks it on arriva
     {"version": 1, "time": unix seconds, "lab": str | null, "host": str,
      "on_demand_types": [str, ...],            # made per allocation: not utilisation
      "equipment": [{"type": str, "identity": str, "profile": {...}, "host": str,
-                    "state": "available" | "held" | "releasing" | "offline",
+                    "state": "available" | "held" | "reserved" | "releasing"
+                             | "offline",
                     "holder": {"user", "host", "pid", "program", "job"} | null,
                     "since": unix seconds | null}, ...],
      "queue": [{"position": int, "holder": {...} | null, "profiles": [...],
@@ -43,7 +44,7 @@ from bisect import bisect_left
 from typing import Any, Iterable, Mapping, Sequence
 
 SCHEMA_VERSION = 1
-STATES = ('available', 'held', 'releasing', 'offline')
+STATES = ('available', 'held', 'reserved', 'releasing', 'offline')
 HOLDER_KEYS = ('user', 'host', 'pid', 'program', 'job')
 
 # From 10 µs (a trivial RPC) to 1 s (a broker in trouble).
@@ -177,21 +178,6 @@ class FeedPacer:
         self.last_sent = now
         self.pause = max(self.min_interval, cost / self.max_share)
         self.dirty = False
-
-
-def state_of(held: bool, releasing: bool, present: bool, power_state: Any = None) -> str:
-    """The state the page shows for an item.
-
-    Who holds an item matters more than whether it is reachable right now (a held
-    handset rebooting is still held), so held and releasing win over offline.
-    """
-    if releasing:
-        return 'releasing'
-    if held:
-        return 'held'
-    if not present or power_state == 'offline':
-        return 'offline'
-    return 'available'
 
 
 def equipment_row(profile: Mapping[str, Any], identity: str, host: str, state: str,

@@ -9,7 +9,7 @@ const REFRESH_MS = 5000;
 const UTILISATION_MS = 60000;
 const STALE_S = 15;
 const DAY_S = 24 * 3600;
-const STATES = ['available', 'held', 'releasing', 'offline'];
+const STATES = ['available', 'held', 'reserved', 'releasing', 'offline'];
 const PALETTE = ['#2a5d9f', '#8a4b00', '#1f7a3d', '#7b2f8f', '#a11d4b', '#176c74',
                  '#6b5b00', '#444c5c'];
 const SVG = 'http://www.w3.org/2000/svg';
