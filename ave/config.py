@@ -24,7 +24,7 @@ import pwd
 import secrets
 import shutil
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ave.exceptions import AveException
@@ -97,23 +97,41 @@ def config_dir(home: str) -> str:
     return os.path.join(home, '.ave', 'config')
 
 
-def resolve_home(home: str | None = None, etc_path: str = ETC_PATH) -> str:
+def resolve_home(home: str | None = None, etc_path: str = ETC_PATH,
+                 environ: Mapping[str, str] = os.environ) -> str:
     """The AVE home a command line tool or broker client should use, as an absolute path.
 
     An explicit ``home`` wins; otherwise the home named in ``etc_path``, when that
     file exists (a broken one is an error, not a reason to look elsewhere); otherwise
-    the home of the account we run as, from the password database rather than
-    ``$HOME`` so that ``su`` without ``-`` does not send us to someone else's files.
-    ``$HOME`` is the last resort for an account without a password entry.
+    ``$HOME``, because a user who points it at a scratch directory means it, as every
+    other program respects it; the password database only for a process without
+    ``$HOME`` (started by an init system or ``env -i``).
     """
     if home is not None:
         return os.path.abspath(home)
     if os.path.exists(etc_path):
         return load_etc(etc_path)['home']
+    if environ.get('HOME'):
+        return os.path.abspath(environ['HOME'])
     try:
         return pwd.getpwuid(os.geteuid()).pw_dir
     except KeyError:
-        return os.path.abspath(os.environ['HOME'])
+        raise ConfigError({'message': f'no AVE home: no --home, no {etc_path}, no $HOME '
+                           f'and uid {os.geteuid()} has no password entry'}) from None
+
+
+def existing_home(home: str) -> str:
+    """``home`` (a ``--home`` argument) as an absolute path, if it is a directory.
+
+    Only creating the default configuration makes a home; every other tool given a
+    home that is not there stops with the hint, instead of acting on a typo.
+    """
+    path = os.path.abspath(home)
+    if not os.path.isdir(path):
+        raise ConfigError({'message': f'--home {home}: no such directory (ave-config '
+                           f'--create-default --home {home} makes one)', 'path': path,
+                           'field': None})
+    return path
 
 
 # --- creating files ---------------------------------------------------------------
