@@ -153,10 +153,6 @@ class BrokerDaemon(BrokerServer):
                 log.warning('authkeys.json has no %s key: every client may make %s calls',
                             account, account)
 
-    def log_path(self) -> str | None:
-        return None if self.foreground else os.path.join(log_dir(self.home),
-                                                         logfile.LOG_FILE)
-
     def prepare_to_serve(self) -> None:
         """Stage the pid file and take the home's lock, which tells the CLI whose
         broker a pid is."""
