@@ -146,11 +146,14 @@ class Broker(RemoteControl):
         kwargs = _waiting(wait, priority)
         reply = self._call('get', tuple(_wire(p) for p in profiles), kwargs,
                            self._wait_bound(wait))
-        host, port = reply['session']
-        address = (host or self._address[0], port)
-        proxies = tuple(ResourceProxy(address, reply['authkey'], profile, self._timeout)
-                        for profile in reply['resources'])
+        proxies = tuple(self._proxy(granted) for granted in reply['resources'])
         return proxies[0] if len(proxies) == 1 else proxies
+
+    def _proxy(self, granted: dict) -> ResourceProxy:
+        """A proxy for one granted resource; its session may be on another host."""
+        host, port = granted['session']
+        return ResourceProxy((host or self._address[0], port), granted['authkey'],
+                             granted['profile'], self._timeout)
 
     def _wait_bound(self, wait: float | None) -> float | None:
         """How long the reply to a get may take: the wait, plus the usual bound."""

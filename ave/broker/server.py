@@ -130,8 +130,7 @@ class BrokerServer(Control):
         log.info('allocated %s to %s', ', '.join(f'{k[0]} {k[1]}' for k in keys),
                  _who(client))
         self.allocations_total += 1
-        return {'session': [None, session.port], 'authkey': session.authkey,
-                'resources': profiles}
+        return granted(profiles, [None, session.port], session.authkey)
 
     def _check_session_caps(self, client: Client) -> None:
         sessions = self.config['limits']
@@ -462,6 +461,13 @@ class Isolation:
         if self.mode == 'off':
             return 'off (broker.json says "isolation": "off")'
         return f'off: {self.problem}'
+
+
+def granted(profiles: list[dict], session: list, authkey: str) -> dict:
+    """A get's result: each resource with the session that hosts it (address, where
+    None means the broker's own, and key), so one get may span several hosts."""
+    return {'resources': [{'profile': profile, 'session': session, 'authkey': authkey}
+                          for profile in profiles]}
 
 
 def limits_of(config: dict) -> Limits:
