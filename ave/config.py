@@ -39,7 +39,9 @@ DEFAULT_PORT = 4000
 
 _POLICIES = ('share', 'forward')
 BROKER_KEYS = ('host', 'port', 'stacks', 'remote', 'equipment', 'limits', 'isolation',
-               'queue', 'http')
+               'queue', 'http', 'lab')
+_LAB_KEYS = ('name', 'etcd', 'ttl', 'advertise')
+DEFAULT_LAB_TTL = 10
 _HTTP_KEYS = ('host', 'port')
 ISOLATION_MODES = ('auto', 'required', 'off')
 
@@ -274,7 +276,8 @@ def load_broker_config(home: str,
     Returns ``{'host': str, 'port': int, 'stacks': [[profile dict, ...], ...],
     'remote': None or {'host', 'port', 'policy', 'authkey'}, 'equipment': [dict, ...],
     'limits': {name: number} (every name in LIMITS), 'isolation': str,
-    'queue': {name: number} (every name in QUEUE), 'http': None or {'host', 'port'}}``.
+    'queue': {name: number} (every name in QUEUE), 'http': None or {'host', 'port'},
+    'lab': None or {'name', 'etcd', 'ttl', 'advertise'}}``.
 
     Here an equipment entry or stack member is only checked to be an object with a
     string ``type``; what else it needs depends on its type, which only the equipment
@@ -294,6 +297,7 @@ def load_broker_config(home: str,
         'limits': _numbers(check, 'limits', data.get('limits', {}), LIMITS),
         'queue': _numbers(check, 'queue', data.get('queue', {}), QUEUE),
         'http': _http(check, data['http']) if 'http' in data else None,
+        'lab': _lab(check, data['lab']) if 'lab' in data else None,
         'isolation': check.choice('isolation', data.get('isolation', 'auto'),
                                   ISOLATION_MODES),
     }
@@ -319,6 +323,28 @@ def _remote(check: _Checker, value: Any) -> dict[str, Any]:
             'port': check.port('remote.port', data.get('port', DEFAULT_PORT)),
             'policy': policy,
             'authkey': check.string_or_null('remote.authkey', data.get('authkey'), secret=True)}
+
+
+def _lab(check: _Checker, value: Any) -> dict[str, Any]:
+    """The lab this broker belongs to: its name, its etcd cluster's client URLs, the
+    lease's time to live (seconds) and the name other hosts reach this one by."""
+    data = check.json_object('lab', value, _LAB_KEYS)
+    name = check.string('lab.name', check.required(data, 'name', 'lab'))
+    if '/' in name:
+        raise check.error('lab.name', f'may not contain "/", got {_shown(name)}')
+    urls = check.json_list('lab.etcd', check.required(data, 'etcd', 'lab'))
+    if not urls:
+        raise check.error('lab.etcd', 'expected at least one etcd URL')
+    for index, url in enumerate(urls):
+        if not isinstance(url, str) or not url.startswith('http://'):
+            raise check.error(f'lab.etcd[{index}]',
+                              f'expected an http:// URL, got {_shown(url)}')
+    advertise = data.get('advertise')
+    return {'name': name, 'etcd': urls,
+            'ttl': check.number('lab.ttl', data.get('ttl', DEFAULT_LAB_TTL), 2, 3600,
+                                integer=True),
+            'advertise': None if advertise is None
+            else check.string('lab.advertise', advertise)}
 
 
 def _http(check: _Checker, value: Any) -> dict[str, Any]:

@@ -399,7 +399,8 @@ FULL_BROKER = {
 
 DEFAULT_LIMITS = {name: default for name, (default, _, _) in config.LIMITS.items()}
 SECOND_STAGE_DEFAULTS = {'limits': DEFAULT_LIMITS, 'isolation': 'auto',
-                         'queue': {'aging_s': 600.0, 'limit': 1000}, 'http': None}
+                         'queue': {'aging_s': 600.0, 'limit': 1000}, 'http': None,
+                         'lab': None}
 
 
 def test_empty_broker_config_gets_every_default(home):

@@ -40,6 +40,13 @@ class SessionKeeper:
 
     def start(self, client: Client) -> SessionRecord:
         """Fork the client's session without waiting for it to initialize."""
+        record = self.open()
+        self.server.state.attach(client, record)
+        return record
+
+    def open(self) -> SessionRecord:
+        """Fork a session for no client of this broker's (a lab's job from another
+        host); it is known by its pid and link."""
         server = self.server
         listener, port = find_free_port(host=server.config['host'])
         broker_end, session_end = socketlib.socketpair()
@@ -55,7 +62,7 @@ class SessionKeeper:
         link = Connection(('session', process.pid), broker_end)
         record = SessionRecord(process, port, authkey, link)
         server.add_connection(link)
-        server.state.attach(client, record)
+        server.state.add_session(record)
         server.join_later(process)
         return record
 
