@@ -182,3 +182,63 @@ def test_a_restarted_broker_keeps_its_clients_allocations(lab):
         client_of(second).get({'type': 'relay', 'uid': 'r2'})
     more = client.get({'type': 'workspace'})
     assert more.run(['true'])[0] == 0
+
+
+def test_an_etcd_outage_longer_than_ttl_fences_and_never_grants_twice(lab, etcd_node):
+    first, second = lab(2)
+    client = client_of(first)
+    relay_proxy = client.get({'type': 'relay', 'uid': 'r2'})
+    etcd_node.pause()
+    try:
+        paused = time.monotonic()
+        relay_proxy.set_circuit('c1', True)  # sessions go on while the lease may live
+        time.sleep(TTL / 2 + 0.5)
+        started = time.monotonic()
+        with pytest.raises(LabUnavailable):
+            client_of(first, timeout=5).get({'type': 'relay', 'uid': 'r1'})
+        assert time.monotonic() - started < 5, 'LabUnavailable took longer than the timeout'
+        # Past ttl the host cannot prove the job's lease: it ends the session.
+        assert wait_until(lambda: not _works(relay_proxy), timeout=TTL + 5), \
+            'the session outlived the lease it could no longer prove'
+        assert time.monotonic() - paused < 2 * TTL + 5
+    finally:
+        etcd_node.resume()
+    other = client_of(second)
+    granted = wait_until(lambda: _try_get(other, {'type': 'relay', 'uid': 'r2'}),
+                         timeout=4 * TTL)
+    assert granted, 'allocation did not work again after etcd came back'
+    holders = [row for row in first.client().who() if row['profile']['uid'] == 'r2']
+    assert len(holders) == 1, f'r2 has {len(holders)} holders'
+    assert not _works(relay_proxy), 'the fenced session came back: two holders'
+
+
+def _works(proxy) -> bool:
+    try:
+        proxy.get_profile()
+        return True
+    except Exception:
+        return False
+
+
+def _try_get(client, profile):
+    try:
+        return client.get(profile)
+    except Exception:
+        return None
+
+
+def test_allocation_goes_on_when_the_etcd_leader_dies(broker_home, etcd_cluster, tmp_path):
+    state = tmp_path / 'state'
+    state.mkdir()
+    homes = []
+    for number in (1, 2):
+        home = broker_home(equipment=[relay(f'r{number}', state)], host=f'127.0.0.{number}',
+                           port=free_port(),
+                           lab={'name': 'test-lab', 'etcd': etcd_cluster.endpoints,
+                                'ttl': 10})
+        homes.append(home.start())
+    client_of(homes[0]).get({'type': 'relay', 'uid': 'r2'})
+    etcd_cluster.leader().kill()
+    granted = wait_until(lambda: _try_get(client_of(homes[1]), {'type': 'relay',
+                                                                'uid': 'r1'}), timeout=15)
+    assert granted, 'no allocation after the etcd leader died'
