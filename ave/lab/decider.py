@@ -224,6 +224,7 @@ class Decider:
         a new workspace for each workspace profile, placed as the module says."""
         searched, layout = _split(request.profiles, self.types)
         chosen = iter(keys)
+        hosts = [ref_of(key)[0] for key in keys] or [request.host]
         granted: list[dict] = []
         for group in layout:
             group_hosts = []
@@ -239,8 +240,7 @@ class Decider:
                                 'host': host})
             for index, (wanted, is_made) in enumerate(group):
                 if is_made:
-                    host = wanted.get('host') or (group_hosts or _hosts(granted)
-                                                  or [request.host])[0]
+                    host = wanted.get('host') or (group_hosts or hosts)[0]
                     members[index] = {'type': wanted['type'], 'uid': secrets.token_hex(8),
                                       'host': host}
             granted += [member for member in members if member is not None]
@@ -275,10 +275,6 @@ def _split(profiles: list, types: dict[str, EquipmentType]
 def _made(wanted: dict, types: dict[str, EquipmentType]) -> bool:
     kind = types.get(wanted.get('type'))  # type: ignore[arg-type]
     return kind is not None and kind.on_demand
-
-
-def _hosts(granted: list[dict]) -> list[str]:
-    return [profile['host'] for profile in granted]
 
 
 def _who(mirror: Mirror) -> listing.Who:
