@@ -8,8 +8,8 @@ its ``LabAgent``) and plays three parts, all driven by changes of the lab's keys
   them; ``yield_resources`` and a client leaving delete the client's holds;
 * for its equipment, it hosts a session per job holding some of it (whichever
   broker that job's client is connected to), adds and removes resources as holds
-  come and go, marks an item releasing in etcd while its session resets it, and
-  publishes each such session's address and key for the job's broker;
+  come and are let go, deletes a let-go hold once the item is reset, and publishes
+  each such session's address and key for the job's broker;
 * when elected, it runs the lab's ``Decider`` and commits its decisions.
 
 What it shows (who, queue, equipment) is read from its mirror of the lab, so every
@@ -55,6 +55,10 @@ class LabMode:
         self.pending: dict[tuple[str, int], tuple[Reply, Client]] = {}
         self.hosted: dict[str, SessionRecord] = {}  # job -> session on this host
         self.owned: dict[ItemRef, str] = {}         # item hosted here -> job
+        self.revisions: dict[ItemRef, int] = {}     # ... -> revision of its hold
+        self.resetting: dict[Key, ItemRef] = {}     # items let go, being reset here
+        self._dropping: dict[ItemRef, int] = {}     # holds being deleted (revision)
+        self._published: dict[str, dict] = {}       # sessions as last put, by job
         self._deadline_at: float | None = None
 
     # -- joining and leaving -----------------------------------------------------------
@@ -135,54 +139,56 @@ class LabMode:
     def _check_may_wait(self, job: str) -> None:
         held = [f'{kind} {identity}' for (host, kind, identity), hold
                 in self.agent.mirror.holds().items()
-                if hold['job'] == job and not self.server.types[kind].on_demand]
+                if hold['job'] == job and not hold.get('yielded')
+                and not self.server.types[kind].on_demand]
         if held:
             raise AveException('a client holding equipment may not wait for more (it '
                                f'could deadlock with another); it holds {", ".join(held)}')
 
     def _settle_requests(self) -> None:
-        """Answer each pending get whose decision came and whose sessions are up."""
+        """Answer each pending get that was refused, or granted with its sessions up."""
         mirror = self.agent.mirror
         for (job, number), (reply, client) in list(self.pending.items()):
-            decision = mirror.decisions_of(job).get(number)
-            if decision is None:
+            refusal = mirror.decisions_of(job).get(number)
+            if refusal is not None:
+                self._refused(job, number, reply, refusal.get('error', {}))
                 continue
-            if 'error' in decision:
-                self._refused(job, number, reply, client, decision['error'])
+            holds = mirror.holds_of(job, number)
+            if not holds:
                 continue
-            resources = self._sessions_for(job, decision.get('granted', []))
+            resources = self._sessions_for(job, [hold['profile'] for hold in holds])
             if isinstance(resources, AveException):
-                self._refused(job, number, reply, client, resources.details)
+                self._refused(job, number, reply, resources.details)
             elif resources is not None:
                 del self.pending[(job, number)]
-                self.agent.submit(lambda: self.agent.etcd.delete(
-                    self.keys.decision(job, number)), self.agent._ignore, self.agent._ignore)
                 self.server.allocations_total += 1
                 reply.result({'resources': resources})
 
     def _sessions_for(self, job: str, granted: list[dict]) -> list | AveException | None:
-        """Each granted resource with its session, once every host published it."""
+        """Each granted resource with its session, once every host published that it
+        hosts this very hold (not an earlier one of the same job and item)."""
         mirror = self.agent.mirror
         sessions = mirror.sessions_of(job)
         brokers = mirror.brokers()
         resources = []
         for profile in granted:
             host = str(profile.get('host'))
+            identity = _identity_of(profile, self.server)
             session = sessions.get(host)
             if host not in brokers:
                 return AveException(f'{host} left the lab before its session was up')
-            if session is None or _identity_of(profile, self.server) not in \
-                    session.get('identities', []):
+            hold = mirror.get(self.keys.hold(host, str(profile.get('type')), identity))
+            if session is None or hold is None or \
+                    session.get('holds', {}).get(identity) != hold.mod_revision:
                 return None
             resources.append({'profile': profile, 'session': session['address'],
                               'authkey': session['authkey']})
         return resources
 
-    def _refused(self, job: str, number: int, reply: Reply, client: Client,
-                 error: dict) -> None:
+    def _refused(self, job: str, number: int, reply: Reply, error: dict) -> None:
         """A failed get frees everything the client held, as on a lone broker."""
         del self.pending[(job, number)]
-        self._delete_job_keys(job, keep_job=True)
+        self._let_go(job, [Op.delete(self.keys.decision(job, number))])
         reply.fail(exception_factory(error))
 
     def yield_resources(self, client: Client, profiles: list[dict]) -> None:
@@ -192,17 +198,25 @@ class LabMode:
         for profile in profiles:
             ref = (str(profile.get('host')), str(profile.get('type')),
                    _identity_of(profile, self.server))
-            if holds.get(ref, {}).get('job') != job:
+            hold = holds.get(ref, {})
+            if hold.get('job') != job or hold.get('yielded'):
                 raise AveException(f'not held by this client: {profile}')
             refs.append(ref)
         reply = self.server.defer()
-        self.agent.txn([], [Op.delete(self.keys.hold(*ref)) for ref in refs],
-                       lambda _: reply.result(None), reply.fail)
+        self.agent.txn([], self._yield_ops(refs, holds),
+                       lambda result: self.agent.once_seen(result.revision,
+                                                           lambda: reply.result(None)),
+                       reply.fail)
+
+    def _yield_ops(self, refs: list[ItemRef], holds: dict[ItemRef, dict]) -> list[Op]:
+        """Mark holds let go: each item's host resets it, then deletes the hold."""
+        return [Op.put(self.keys.hold(*ref), json.dumps({**holds[ref], 'yielded': True}),
+                       lease=self.agent.lease) for ref in refs]
 
     def allocations_of(self, client: Client) -> list[dict]:
         job = self.jobs.get(client.holder)
         return [hold.get('profile', {}) for hold in self.agent.mirror.holds().values()
-                if hold['job'] == job]
+                if hold['job'] == job and not hold.get('yielded')]
 
     def client_left(self, client: Client) -> None:
         job = self.jobs.pop(client.holder, None)
@@ -211,33 +225,45 @@ class LabMode:
         self.numbers.pop(job, None)
         for key in [key for key in self.pending if key[0] == job]:
             del self.pending[key]
-        self._delete_job_keys(job)
+        self._let_go(job, [Op.delete_prefix(f'{self.keys.prefix}requests/{job}/'),
+                           Op.delete_prefix(f'{self.keys.prefix}decisions/{job}/'),
+                           Op.delete(self.keys.job(job))])
 
-    def _delete_job_keys(self, job: str, keep_job: bool = False) -> None:
-        """Everything a job holds or asked for goes (its items to their hosts' resets)."""
-        ops = [Op.delete(self.keys.hold(*ref)) for ref, hold
-               in self.agent.mirror.holds().items() if hold['job'] == job]
-        ops += [Op.delete_prefix(f'{self.keys.prefix}requests/{job}/'),
-                Op.delete_prefix(f'{self.keys.prefix}decisions/{job}/')]
-        if not keep_job:
-            ops.append(Op.delete(self.keys.job(job)))
-        self.agent.txn([], ops, self.agent._ignore,
-                       lambda error: log.warning('lab: could not drop job %s: %s', job, error))
+    def _let_go(self, job: str, more: list[Op]) -> None:
+        """Yield everything ``job`` holds (and do ``more`` in the same transaction)."""
+        holds = self.agent.mirror.holds()
+        refs = [ref for ref, hold in holds.items()
+                if hold['job'] == job and not hold.get('yielded')]
+        self.agent.txn([], self._yield_ops(refs, holds) + more, self.agent._ignore,
+                       lambda error: log.warning('lab: could not let job %s go: %s', job,
+                                                 error))
 
     # -- the host's side: sessions for the holds on its equipment ----------------------
 
     def _host(self) -> None:
         """Make this host's sessions match the holds on its equipment."""
-        holds = {ref: hold for ref, hold in self.agent.mirror.holds().items()
-                 if ref[0] == self.host}
+        mirror = self.agent.mirror
+        holds = {ref: hold for ref, hold in mirror.holds().items() if ref[0] == self.host}
         for ref, job in list(self.owned.items()):
-            if holds.get(ref, {}).get('job') != job:
+            hold = holds.get(ref)
+            if hold is None or hold['job'] != job or hold.get('yielded'):
                 self._unhost(ref, job)
+        self._dropping = {ref: revision for ref, revision in self._dropping.items()
+                          if ref in holds}
         for ref, hold in holds.items():
-            if ref not in self.owned:
+            if hold.get('yielded'):
+                if ref not in self.resetting.values():
+                    self._drop_hold(ref)  # nothing here to reset (a restart's leftover)
+            elif ref not in self.owned:
                 self._host_item(ref, hold)
+            if ref in self.owned:
+                entry = mirror.get(self.keys.hold(*ref))
+                self.revisions[ref] = 0 if entry is None else entry.mod_revision
+        jobs = mirror.jobs()
+        for job in [job for job in self.hosted if job not in jobs
+                    and job not in self.owned.values()]:
+            self.server.keeper.close(self.hosted.pop(job))
         self._publish_sessions()
-        self._publish_releasing()
 
     def _host_item(self, ref: ItemRef, hold: dict) -> None:
         server = self.server
@@ -246,13 +272,12 @@ class LabMode:
         if equipment_type is None:
             return
         key: Key = (kind, identity)
-        if equipment_type.on_demand:
+        if equipment_type.on_demand and key not in server.allocator.items:
             profile = {k: v for k, v in hold.get('profile', {}).items() if k != 'host'}
-            if key not in server.allocator.items:
-                server.allocator.add(profile, server.allocator.type_settings.get(kind, {}))
+            server.allocator.add(profile, server.allocator.type_settings.get(kind, {}))
         item = server.allocator.items.get(key)
         if item is None or item.holder is not None or item.releasing:
-            return  # not ours (any more), or still being reset: next change retries
+            return  # not ours (any more), or still being reset: its reset retries
         job = hold['job']
         record = self.hosted.get(job)
         if record is None:
@@ -265,26 +290,42 @@ class LabMode:
                       item.tainted)
 
     def _unhost(self, ref: ItemRef, job: str) -> None:
-        """The hold went: reset the item in its session, then end the session if
-        nothing of the job is left here."""
+        """The hold was let go (or went): reset the item in its session; the hold is
+        deleted once the reset is done."""
         server = self.server
         del self.owned[ref]
+        self.revisions.pop(ref, None)
         key = (ref[1], ref[2])
         record = self.hosted.get(job)
         item = server.allocator.items.get(key)
-        if item is not None and item.holder == job:
-            server.allocator.begin_release(key)
-            if record is not None and record.link is not None and not record.link.closed:
-                server.notify(record.link, 'remove_resource', dict(item.profile))
-            elif record is None:
-                server.allocator.finish_release(key)
-        if record is not None and job not in self.owned.values():
-            del self.hosted[job]
-            server.keeper.close(record)
+        if item is None or item.holder != job:
+            return
+        server.allocator.begin_release(key)
+        self.resetting[key] = ref
+        if record is not None and record.link is not None and not record.link.closed:
+            server.notify(record.link, 'remove_resource', dict(item.profile))
+        else:
+            server.released_item(key, clean=False)
 
     def released(self, key: Key) -> None:
-        """A session finished resetting an item: the lab may give it out again."""
-        self._publish_releasing()
+        """A session finished resetting an item: its hold goes, and the lab may give
+        the item out again."""
+        ref = self.resetting.pop(key, None)
+        if ref is not None:
+            self._drop_hold(ref)
+        self.server.call_later(0, self.changed)  # a hold waiting for this reset
+
+    def _drop_hold(self, ref: ItemRef) -> None:
+        entry = self.agent.mirror.get(self.keys.hold(*ref))
+        if entry is None or not entry.value.get('yielded'):
+            return  # gone already (its job's broker died), or held anew meanwhile
+        if self._dropping.get(ref) == entry.mod_revision:
+            return  # on its way out
+        self._dropping[ref] = entry.mod_revision
+        key = self.keys.hold(*ref)
+        self.agent.txn([Compare.mod_revision(key, entry.mod_revision)], [Op.delete(key)],
+                       self.agent._ignore,
+                       lambda error: log.warning('lab: a hold stays after a reset: %s', error))
 
     def session_ended(self, record: SessionRecord) -> None:
         """A hosted session died: its job loses what it held here (the broker has the
@@ -294,57 +335,46 @@ class LabMode:
             return
         job = jobs[0]
         del self.hosted[job]
-        refs = [ref for ref, owner in self.owned.items() if owner == job]
-        for ref in refs:
+        for ref in [ref for ref, owner in self.owned.items() if owner == job]:
             del self.owned[ref]
-        self.agent.txn([], [Op.delete(self.keys.hold(*ref)) for ref in refs],
-                       self.agent._ignore,
-                       lambda error: log.warning('lab: holds of a dead session stay: %s',
-                                                 error))
+            self.revisions.pop(ref, None)
+            self.resetting[(ref[1], ref[2])] = ref
 
     def _end_hosted(self, why: str) -> None:
         for ref, job in list(self.owned.items()):
             log.warning('lab: ending the session of job %s on %s %s: %s', job, ref[1],
                         ref[2], why)
             self._unhost(ref, job)
+        for job in list(self.hosted):
+            self.server.keeper.close(self.hosted.pop(job))
 
     def _publish_sessions(self) -> None:
-        """Put each hosted job's session (address, key, what it hosts) where the
-        job's broker reads it; drop those no longer hosted."""
+        """Put each hosted job's session (address, key, which holds it hosts) where
+        the job's broker reads it; drop those no longer hosted."""
         mirror = self.agent.mirror
-        wanted: dict[str, dict] = {}
+        wanted: dict[str, dict] = {
+            job: {'address': [self.host, record.port], 'authkey': record.authkey,
+                  'holds': {}} for job, record in self.hosted.items()}
         for ref, job in self.owned.items():
-            record = self.hosted[job]
-            entry = wanted.setdefault(job, {'address': [self.host, record.port],
-                                            'authkey': record.authkey, 'identities': []})
-            entry['identities'].append(ref[2])
+            wanted[job]['holds'][ref[2]] = self.revisions.get(ref, 0)
         ops = []
         for job, entry in wanted.items():
-            entry['identities'].sort()
             current = mirror.get(self.keys.session(job, self.host))
-            if current is None or current.value != entry:
+            if (current is None or current.value != entry) and \
+                    self._published.get(job) != entry:
                 ops.append(Op.put(self.keys.session(job, self.host), json.dumps(entry),
                                   lease=self.agent.lease))
         for item in mirror.of_kind('sessions'):
-            if item.parts[2] == self.host and item.parts[1] not in wanted:
+            if item.parts[2] == self.host and item.parts[1] not in wanted \
+                    and item.parts[1] in self._published:
                 ops.append(Op.delete(self.keys.session(item.parts[1], self.host)))
-        if ops:
-            self.agent.txn([], ops, self.agent._ignore,
-                           lambda error: log.warning('lab: sessions not published: %s', error))
-
-    def _publish_releasing(self) -> None:
-        """Mark in etcd exactly the items this host is resetting."""
-        server = self.server
-        mirror = self.agent.mirror
-        resetting = {(self.host, key[0], key[1]) for key, item in server.allocator.items.items()
-                     if item.releasing}
-        marked = {ref for ref in mirror.releasing() if ref[0] == self.host}
-        ops = [Op.put(self.keys.releasing(*ref), '', lease=self.agent.lease)
-               for ref in resetting - marked]
-        ops += [Op.delete(self.keys.releasing(*ref)) for ref in marked - resetting]
+        self._published = wanted
         if ops and self.agent.lease is not None:
-            self.agent.txn([], ops, self.agent._ignore,
-                           lambda error: log.warning('lab: releases not published: %s', error))
+            self.agent.txn([], ops, self.agent._ignore, self._not_published)
+
+    def _not_published(self, error: BaseException) -> None:
+        log.warning('lab: sessions not published: %s', error)
+        self._published = {}  # the next change tries again
 
     # -- the leader's side -------------------------------------------------------------
 
@@ -360,27 +390,24 @@ class LabMode:
         self._arm_deadline(now)
 
     def _commit(self, decision: Decision, now: float) -> None:
+        """One transaction: the request goes and, granted, becomes its holds (each
+        item still registered and held by nobody), or, refused, its refusal."""
         request = decision.request
         keys = self.keys
         compare = [Compare.exists(keys.request(request.job, request.number))]
         success = [Op.delete(keys.request(request.job, request.number))]
         if decision.error is not None:
-            value: dict[str, Any] = {'error': decision.error}
-        else:
-            value = {'granted': decision.granted}
-            holder = self.agent.mirror.jobs().get(request.job, {}).get('holder', {})
-            for ref, profile in zip(decision.refs, decision.granted):
-                if self.server.types[ref[1]].on_demand:
-                    continue
-                compare += [Compare.missing(keys.hold(*ref)),
-                            Compare.missing(keys.releasing(*ref)),
-                            Compare.exists(keys.item(*ref))]
-            success += [Op.put(keys.hold(*ref), json.dumps(
-                {'job': request.job, 'broker': request.host, 'holder': holder,
-                 'since': now, 'profile': profile}), lease=request.lease)
-                for ref, profile in zip(decision.refs, decision.granted)]
-        success.append(Op.put(keys.decision(request.job, request.number),
-                              json.dumps(value), lease=request.lease))
+            success.append(Op.put(keys.decision(request.job, request.number),
+                                  json.dumps({'error': decision.error}),
+                                  lease=request.lease))
+        holder = self.agent.mirror.jobs().get(request.job, {}).get('holder', {})
+        for position, (ref, profile) in enumerate(zip(decision.refs, decision.granted)):
+            if not self.server.types[ref[1]].on_demand:
+                compare += [Compare.missing(keys.hold(*ref)), Compare.exists(keys.item(*ref))]
+            success.append(Op.put(keys.hold(*ref), json.dumps(
+                {'job': request.job, 'request': request.number, 'position': position,
+                 'broker': request.host, 'holder': holder, 'since': now,
+                 'profile': profile, 'yielded': False}), lease=request.lease))
 
         def done(result: TxnResult) -> None:
             self.decider.settled(decision, result.succeeded)
@@ -413,17 +440,17 @@ class LabMode:
         return [{'profile': hold.get('profile', {}),
                  'holder': dict(jobs.get(hold['job'], {}).get('holder') or {}),
                  'since': hold.get('since')}
-                for hold in self.agent.mirror.holds().values()]
+                for hold in self.agent.mirror.holds().values() if not hold.get('yielded')]
 
     def equipment(self) -> list[dict]:
         mirror = self.agent.mirror
-        holds, releasing, jobs = mirror.holds(), mirror.releasing(), mirror.jobs()
+        holds, jobs = mirror.holds(), mirror.jobs()
         rows = []
         for host, profile in mirror.items():
             kind = str(profile.get('type'))
             identity = _identity_of(profile, self.server)
             hold = holds.get((host, kind, identity))
-            state = ('held' if hold else 'releasing' if (host, kind, identity) in releasing
+            state = ('releasing' if hold and hold.get('yielded') else 'held' if hold
                      else 'offline' if profile.get('power_state') == 'offline'
                      else 'available')
             rows.append({'profile': profile, 'state': state,
@@ -438,8 +465,7 @@ class LabMode:
         aging = self.decider.queue.aging_s or 0.0
         now = time.time()
         waiting = [(data.get('arrived', now) - data.get('priority', 0) * aging, job, data)
-                   for job, number, data, _ in mirror.requests()
-                   if number not in mirror.decisions_of(job)]
+                   for job, number, data, _ in mirror.requests()]
         waiting.sort(key=lambda entry: (entry[0], entry[1]))
         return [{'position': position,
                  'holder': dict(jobs.get(job, {}).get('holder') or {}),
@@ -456,7 +482,9 @@ class LabMode:
                 'pending': [[job, number, index_of(reply.connection)]
                             for (job, number), (reply, _) in self.pending.items()],
                 'hosted': {job: record.pid for job, record in self.hosted.items()},
-                'owned': [[*ref, job] for ref, job in self.owned.items()]}
+                'owned': [[*ref, job, self.revisions.get(ref, 0)]
+                          for ref, job in self.owned.items()],
+                'resetting': [[*key, *ref] for key, ref in self.resetting.items()]}
 
     def adopt(self, data: dict, connections: list) -> None:
         """Take the predecessor's jobs, hosted sessions and owed replies; its lease is
@@ -469,7 +497,12 @@ class LabMode:
             if record is not None:
                 self.hosted[job] = record
         self.owned = {(host, kind, identity): job
-                      for host, kind, identity, job in data['owned']}
+                      for host, kind, identity, job, _ in data['owned']}
+        self.revisions = {(host, kind, identity): revision
+                          for host, kind, identity, _, revision in data['owned']}
+        self.resetting = {(kind, identity): (ref_host, ref_kind, ref_identity)
+                          for kind, identity, ref_host, ref_kind, ref_identity
+                          in data['resetting']}
         for job, number, peer in data['pending']:
             connection = None if peer is None else connections[peer]
             reply = None if connection is None else server.owed_reply(connection)

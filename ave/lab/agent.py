@@ -74,6 +74,7 @@ class LabAgent:
         self._stop = threading.Event()
         self._rejoining = False
         self._generation = 0  # which watch the loop listens to
+        self._seen: list[tuple[int, Callable[[], None]]] = []  # (revision, then what)
 
     # -- joining -----------------------------------------------------------------------
 
@@ -233,7 +234,21 @@ class LabAgent:
         if generation != self._generation:
             return  # a watch replaced since
         self.mirror.apply(events)
+        self._run_seen()
         self.on_change()
+
+    def once_seen(self, revision: int, then: Callable[[], None]) -> None:
+        """Run ``then`` once the mirror shows the store at ``revision`` (a change of
+        ours has come back through the watch), so what we answer, we also list."""
+        self._seen.append((revision, then))
+        self._run_seen()
+
+    def _run_seen(self) -> None:
+        due = [then for revision, then in self._seen if revision <= self.mirror.revision]
+        self._seen = [(revision, then) for revision, then in self._seen
+                      if revision > self.mirror.revision]
+        for then in due:
+            then()
 
     def _reread(self, generation: int) -> None:
         if generation != self._generation or not self.loop.keep_going:
@@ -245,6 +260,7 @@ class LabAgent:
         def reload(snapshot: Range) -> None:
             self.mirror.load(snapshot.kvs, snapshot.revision)
             self._watch(snapshot)
+            self._run_seen()
             self.on_change()
         self.submit(read, reload,
                     lambda error: self.loop.call_later(1.0, lambda: self._reread(generation)))

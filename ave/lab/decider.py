@@ -148,14 +148,14 @@ class Decider:
                 except AveException:
                     continue  # a profile without its identity: not allocatable
         holds = mirror.holds()
-        releasing = mirror.releasing()
         for key, item in table.items.items():
             ref = ref_of(key)
             hold = holds.get(ref)
-            holder = hold['job'] if hold is not None else self.pending.get(ref)
-            item.holder = holder
+            if hold is not None and hold.get('yielded'):
+                item.releasing = True  # let go, being reset on its host
+                continue
+            item.holder = hold['job'] if hold is not None else self.pending.get(ref)
             item.since = hold.get('since') if hold is not None else None
-            item.releasing = holder is None and ref in releasing
         return table
 
     # -- requests arriving and leaving -------------------------------------------------

@@ -4,18 +4,22 @@ All of a lab lives under ``/ave/labs/<name>/``, so labs can share one etcd::
 
     brokers/<host>                  {address, pid, version, stacks}   host's lease
     items/<host>/<type>/<id>        {profile}                         host's lease
-    holds/<host>/<type>/<id>        {job, broker, holder, since}      job's broker's lease
-    releasing/<host>/<type>/<id>    ""  (being reset on its host)     host's lease
+    holds/<host>/<type>/<id>        {job, request, position, profile,
+                                     holder, since, yielded}         job's broker's lease
     jobs/<job>                      {broker, holder}                  broker's lease
-    requests/<job>/<n>              {request, wait, priority, ...}    broker's lease
-    decisions/<job>/<n>             {granted: [...]} | {error: {...}} broker's lease
-    sessions/<job>/<host>           {address, authkey, profiles}      host's lease
+    requests/<job>/<n>              {profiles, wait, priority, ...}   broker's lease
+    decisions/<job>/<n>             {error: {...}}  (refusals only)   broker's lease
+    sessions/<job>/<host>           {address, authkey, holds}         host's lease
     leader                          <host>                            leader's lease
 
 A lease is a host's: each broker keeps one alive. A broker that dies takes its items,
-its jobs' holds and everything else of its own with it after ``ttl``; a job that ends
-has its keys deleted by its broker. ``<host>`` is a broker's advertised name, ``<id>``
-an item's identity, ``<job>`` a random name a broker gives each of its clients.
+its jobs' holds and everything else of its own with it after ``ttl``. A granted
+request becomes one hold per item (in one transaction, with the request deleted);
+letting an item go marks its hold ``yielded``, and the item's host deletes the hold
+once the item is reset, so an item is never free in etcd while it is being reset. A
+job that ends has its keys deleted and its holds yielded by its broker. ``<host>`` is
+a broker's advertised name, ``<id>`` an item's identity, ``<job>`` a random name a
+broker gives each of its clients.
 
 ``Mirror`` is a broker's copy of every key of its lab, kept by a watch; the views
 below read it without I/O, so listings and decisions never wait for etcd.
@@ -50,9 +54,6 @@ class LabKeys:
     def hold(self, host: str, kind: str, identity: str) -> str:
         return f'{self.prefix}holds/{host}/{kind}/{identity}'
 
-    def releasing(self, host: str, kind: str, identity: str) -> str:
-        return f'{self.prefix}releasing/{host}/{kind}/{identity}'
-
     def job(self, job: str) -> str:
         return f'{self.prefix}jobs/{job}'
 
@@ -78,7 +79,7 @@ class LabKeys:
 
 
 # How many '/'-separated parts each kind of key has, its kind included.
-_SHAPES = {'brokers': 2, 'items': 4, 'holds': 4, 'releasing': 4, 'jobs': 2,
+_SHAPES = {'brokers': 2, 'items': 4, 'holds': 4, 'jobs': 2,
            'requests': 3, 'decisions': 3, 'sessions': 3, 'leader': 1}
 
 
@@ -160,8 +161,11 @@ class Mirror:
         return {_ref(entry): entry.value for entry in self.of_kind('holds')
                 if isinstance(entry.value, dict) and isinstance(entry.value.get('job'), str)}
 
-    def releasing(self) -> set[tuple[str, str, str]]:
-        return {_ref(entry) for entry in self.of_kind('releasing')}
+    def holds_of(self, job: str, number: int) -> list[dict]:
+        """The holds a granted request became, in request order."""
+        found = [hold for hold in self.holds().values()
+                 if hold['job'] == job and hold.get('request') == number]
+        return sorted(found, key=lambda hold: hold.get('position', 0))
 
     def requests(self) -> list[tuple[str, int, dict, int]]:
         """(job, number, request, lease) of every pending request."""
@@ -191,6 +195,6 @@ class Mirror:
 
 
 def _ref(entry: Entry) -> tuple[str, str, str]:
-    """(host, type, identity) of an item's key (items, holds, releasing)."""
+    """(host, type, identity) of an item's key (items, holds)."""
     _, host, kind, identity = entry.parts
     return host, kind, identity

@@ -97,10 +97,12 @@ def test_a_waiting_request_is_granted_when_the_hold_goes(decider):
     assert decision.refs == [('a', 'relay', 'r1')]
 
 
-def test_an_item_being_reset_is_not_granted(decider):
-    mirror = mirror_of(relay('a', 'r1'), kv(KEYS.releasing('a', 'relay', 'r1'), ''),
+def test_an_item_let_go_but_still_being_reset_is_not_granted(decider):
+    let_go = kv(KEYS.hold('a', 'relay', 'r1'), {'job': 'j0', 'yielded': True})
+    mirror = mirror_of(relay('a', 'r1'), let_go,
                        request('j1', [{'type': 'relay', 'uid': 'r1'}], wait=30))
     assert decider.decide(mirror, 5.0) == []
+    assert decider.table(mirror).items[('relay', 'a/r1')].state == 'releasing'
 
 
 def test_a_withdrawn_request_leaves_the_queue(decider):
