@@ -14,9 +14,12 @@ $(STAMP): setup.py pyproject.toml $(wildcard native/*.c native/*.h) native/build
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+# Start the broker unless it runs; either way say where it is and how to reach it.
 run: install
-	$(BIN)/ave-config --create-default
-	$(BIN)/ave-broker --status || $(BIN)/ave-broker --start
+	@$(BIN)/ave-config --create-default
+	@if $(BIN)/ave-broker --status >/dev/null 2>&1; then $(BIN)/ave-broker --status; \
+	else $(BIN)/ave-broker --start; fi
+	@echo 'The tools are in $(BIN): try $(BIN)/ave list --all, or first . $(BIN)/activate'
 
 test: install
 	$(BIN)/mypy

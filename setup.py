@@ -25,6 +25,13 @@ setup(
         'console_scripts': [
             'ave-config = ave.config_cli:main',
             'ave-broker = ave.broker.cli:main',
+            'ave = ave.cli.main:main',
+        ],
+        # Loaded by every pytest run in an environment where AVE is installed; it
+        # adds options, a marker and fixtures, and does nothing for a test that
+        # uses none of them.
+        'pytest11': [
+            'ave = ave.pytest_plugin',
         ],
         # The built-in equipment registers exactly as a lab's own plug-in would.
         'ave.equipment': [

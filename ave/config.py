@@ -24,7 +24,7 @@ import pwd
 import secrets
 import shutil
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ave.exceptions import AveException
@@ -39,7 +39,9 @@ DEFAULT_PORT = 4000
 
 _POLICIES = ('share', 'forward')
 BROKER_KEYS = ('host', 'port', 'stacks', 'remote', 'equipment', 'limits', 'isolation',
-               'queue', 'http', 'crash_grace')
+               'queue', 'http', 'lab', 'crash_grace')
+_LAB_KEYS = ('name', 'etcd', 'ttl', 'advertise')
+DEFAULT_LAB_TTL = 10
 _HTTP_KEYS = ('host', 'port')
 ISOLATION_MODES = ('auto', 'required', 'off')
 
@@ -104,23 +106,41 @@ def config_dir(home: str) -> str:
     return os.path.join(home, '.ave', 'config')
 
 
-def resolve_home(home: str | None = None, etc_path: str = ETC_PATH) -> str:
+def resolve_home(home: str | None = None, etc_path: str = ETC_PATH,
+                 environ: Mapping[str, str] = os.environ) -> str:
     """The AVE home a command line tool or broker client should use, as an absolute path.
 
     An explicit ``home`` wins; otherwise the home named in ``etc_path``, when that
     file exists (a broken one is an error, not a reason to look elsewhere); otherwise
-    the home of the account we run as, from the password database rather than
-    ``$HOME`` so that ``su`` without ``-`` does not send us to someone else's files.
-    ``$HOME`` is the last resort for an account without a password entry.
+    ``$HOME``, because a user who points it at a scratch directory means it, as every
+    other program respects it; the password database only for a process without
+    ``$HOME`` (started by an init system or ``env -i``).
     """
     if home is not None:
         return os.path.abspath(home)
     if os.path.exists(etc_path):
         return load_etc(etc_path)['home']
+    if environ.get('HOME'):
+        return os.path.abspath(environ['HOME'])
     try:
         return pwd.getpwuid(os.geteuid()).pw_dir
     except KeyError:
-        return os.path.abspath(os.environ['HOME'])
+        raise ConfigError({'message': f'no AVE home: no --home, no {etc_path}, no $HOME '
+                           f'and uid {os.geteuid()} has no password entry'}) from None
+
+
+def existing_home(home: str) -> str:
+    """``home`` (a ``--home`` argument) as an absolute path, if it is a directory.
+
+    Only creating the default configuration makes a home; every other tool given a
+    home that is not there stops with the hint, instead of acting on a typo.
+    """
+    path = os.path.abspath(home)
+    if not os.path.isdir(path):
+        raise ConfigError({'message': f'--home {home}: no such directory (ave-config '
+                           f'--create-default --home {home} makes one)', 'path': path,
+                           'field': None})
+    return path
 
 
 # --- creating files ---------------------------------------------------------------
@@ -264,7 +284,7 @@ def load_broker_config(home: str,
     'remote': None or {'host', 'port', 'policy', 'authkey'}, 'equipment': [dict, ...],
     'limits': {name: number} (every name in LIMITS), 'isolation': str,
     'queue': {name: number} (every name in QUEUE), 'http': None or {'host', 'port'},
-    'crash_grace': seconds}``.
+    'lab': None or {'name', 'etcd', 'ttl', 'advertise'}, 'crash_grace': seconds}``.
 
     Here an equipment entry or stack member is only checked to be an object with a
     string ``type``; what else it needs depends on its type, which only the equipment
@@ -284,6 +304,7 @@ def load_broker_config(home: str,
         'limits': _numbers(check, 'limits', data.get('limits', {}), LIMITS),
         'queue': _numbers(check, 'queue', data.get('queue', {}), QUEUE),
         'http': _http(check, data['http']) if 'http' in data else None,
+        'lab': _lab(check, data['lab']) if 'lab' in data else None,
         'isolation': check.choice('isolation', data.get('isolation', 'auto'),
                                   ISOLATION_MODES),
         'crash_grace': check.number('crash_grace',
@@ -312,6 +333,28 @@ def _remote(check: _Checker, value: Any) -> dict[str, Any]:
             'port': check.port('remote.port', data.get('port', DEFAULT_PORT)),
             'policy': policy,
             'authkey': check.string_or_null('remote.authkey', data.get('authkey'), secret=True)}
+
+
+def _lab(check: _Checker, value: Any) -> dict[str, Any]:
+    """The lab this broker belongs to: its name, its etcd cluster's client URLs, the
+    lease's time to live (seconds) and the name other hosts reach this one by."""
+    data = check.json_object('lab', value, _LAB_KEYS)
+    name = check.string('lab.name', check.required(data, 'name', 'lab'))
+    if '/' in name:
+        raise check.error('lab.name', f'may not contain "/", got {_shown(name)}')
+    urls = check.json_list('lab.etcd', check.required(data, 'etcd', 'lab'))
+    if not urls:
+        raise check.error('lab.etcd', 'expected at least one etcd URL')
+    for index, url in enumerate(urls):
+        if not isinstance(url, str) or not url.startswith('http://'):
+            raise check.error(f'lab.etcd[{index}]',
+                              f'expected an http:// URL, got {_shown(url)}')
+    advertise = data.get('advertise')
+    return {'name': name, 'etcd': urls,
+            'ttl': check.number('lab.ttl', data.get('ttl', DEFAULT_LAB_TTL), 2, 3600,
+                                integer=True),
+            'advertise': None if advertise is None
+            else check.string('lab.advertise', advertise)}
 
 
 def _http(check: _Checker, value: Any) -> dict[str, Any]:

@@ -2,15 +2,17 @@
 
 A profile is a plain dict of JSON values (``{'type': 'handset', 'serial': 'CB5A'}``)
 that can also be a dict key or a set member, because the broker indexes equipment,
-stacks and allocations by profile. Every profile names its ``type``; equipment types
-subclass ``Profile`` and name the key that tells two items of that type apart::
+stacks and allocations by profile. A ``Profile`` is any dict with string keys, so a
+partial description such as ``{'serial': 'CB5A'}`` is one too and can be matched
+against. Equipment types subclass ``Profile`` and name the key that tells two items
+of that type apart; their profiles must carry ``type`` and that key::
 
     class HandsetProfile(Profile):
         identity = 'serial'
 
-The rules are checked once, when a profile is built (or with ``Profile.validate`` on
-a request that came off the wire), so a profile without ``type`` never gets as far as
-the allocator.
+A request for equipment must name its ``type``: the broker checks what clients send
+with ``Profile.validate``, so a request without one never gets as far as the
+allocator.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ class ProfileError(AveException):
 
 
 class Profile(dict):
-    """A hashable dict with a mandatory ``type`` and, for equipment, an identity key.
+    """A hashable dict with string keys; for equipment, also a ``type`` and an identity.
 
     The hash is computed from the content on every call, so it always agrees with
     ``==``. A profile is still a mutable dict (it travels as JSON and callers build
@@ -42,7 +44,10 @@ class Profile(dict):
 
     def __init__(self, values: Mapping[str, Any]) -> None:
         super().__init__(values)
-        self.validate(self)
+        if self.identity is None:
+            _check_keys(self, 'profile')
+        else:
+            self.validate(self)
 
     @classmethod
     def mandatory_keys(cls) -> tuple[str, ...]:
@@ -51,17 +56,15 @@ class Profile(dict):
 
     @classmethod
     def validate(cls, values: Any) -> None:
-        """Raise ProfileError unless ``values`` could be a profile of this class.
+        """Raise ProfileError unless ``values`` could be a request (on the base class)
+        or an equipment profile (on a subclass): string keys, a ``type`` and, for a
+        subclass, its identity.
 
         The broker calls ``Profile.validate(request)`` on what clients send, so the
         messages say what is wrong in terms a test author recognises.
         """
         label = 'profile' if cls is Profile else cls.__name__
-        if not isinstance(values, Mapping):
-            raise ProfileError(f'a {label} must be a dict, got {type(values).__name__}')
-        for key in values:
-            if not isinstance(key, str):
-                raise ProfileError(f'{label} keys must be strings, got {key!r} in {dict(values)!r}')
+        _check_keys(values, label)
         for key in cls.mandatory_keys():
             if key not in values:
                 raise ProfileError(f'{label} {dict(values)!r} has no {key!r}')
@@ -89,6 +92,15 @@ class Profile(dict):
         """
         wanted = list(self.mandatory_keys()) + list(profile or ())
         return type(self)({key: self[key] for key in wanted if key in self})
+
+
+def _check_keys(values: Any, label: str) -> None:
+    """Raise ProfileError unless ``values`` is a mapping whose keys are all strings."""
+    if not isinstance(values, Mapping):
+        raise ProfileError(f'a {label} must be a dict, got {type(values).__name__}')
+    for key in values:
+        if not isinstance(key, str):
+            raise ProfileError(f'{label} keys must be strings, got {key!r} in {dict(values)!r}')
 
 
 def _frozen(value: Any) -> Any:

@@ -60,6 +60,7 @@ import json
 import logging
 import os
 import platform
+import re
 import select
 import shutil
 import signal
@@ -176,7 +177,7 @@ class Lab:
             self.write_broker_json()
         if result.returncode != 0:
             raise RuntimeError(f'ave-broker --start failed: {result.stderr.strip()}')
-        self.pid = int(result.stdout)
+        self.pid = pid_of(result.stdout)
 
     def processes(self) -> list[psutil.Process]:
         """Every live process of this home's ave-broker: daemons old and new, sessions,
@@ -234,6 +235,18 @@ class Lab:
             killed.append(process.pid)
             wait_for_exit(process, STOP_GRACE)
         return killed
+
+
+def pid_of(output: str) -> int:
+    """The pid ave-broker --start and --restart report first (``started, pid 1234``)."""
+    match = re.match(r'\w+, pid (\d+)', first_line(output))
+    if match is None:
+        raise RuntimeError(f'ave-broker reported no pid: {output!r}')
+    return int(match.group(1))
+
+
+def first_line(output: str) -> str:
+    return output.splitlines()[0] if output else ''
 
 
 def name_of(process: psutil.Process) -> str:
@@ -580,7 +593,7 @@ def restart_series(lab: Lab, plan: Plan) -> Series:
                                  f'the {plan.budget:.0f} s budget ran out')
             return series
         began = time.monotonic()
-        status = lab.cli('--status').stdout.strip()
+        status = first_line(lab.cli('--status').stdout)
         series.controls.append((began, time.monotonic()))
         running = find_broker(lab.home).process
         if status != f'running, pid {lab.pid}' or running is None:
@@ -592,7 +605,7 @@ def restart_series(lab: Lab, plan: Plan) -> Series:
         try:
             result = lab.cli('--restart')
             if result.returncode == 0:
-                restart.pid = int(result.stdout)
+                restart.pid = pid_of(result.stdout)
             else:
                 restart.error = result.stderr.strip() or f'exit status {result.returncode}'
         except subprocess.TimeoutExpired:
@@ -625,7 +638,7 @@ def crash_series(lab: Lab, plan: Plan) -> Series:
                                  f'the {plan.budget:.0f} s budget ran out')
             return series
         began = time.monotonic()
-        status = lab.cli('--status').stdout.strip()
+        status = first_line(lab.cli('--status').stdout)
         series.controls.append((began, time.monotonic()))
         running = find_broker(lab.home).process
         if status != f'running, pid {lab.pid}' or running is None:
@@ -641,7 +654,7 @@ def crash_series(lab: Lab, plan: Plan) -> Series:
             try:
                 result = lab.cli('--start')
                 if result.returncode == 0:
-                    crash.pid = int(result.stdout)
+                    crash.pid = pid_of(result.stdout)
                 else:
                     crash.error = result.stderr.strip() or f'exit status {result.returncode}'
             except subprocess.TimeoutExpired:

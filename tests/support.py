@@ -1,4 +1,5 @@
 """Helpers shared by test modules (pytest puts this directory on sys.path)."""
+import re
 import time
 from pathlib import Path
 
@@ -20,3 +21,16 @@ def wait_until(predicate, timeout: float = 5.0, step: float = 0.02):
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(step)
+
+
+def reported_pid(output: str) -> int:
+    """The pid on the first line of ``ave-broker --start``, ``--restart`` or
+    ``--status`` output (``started, pid 1234``); further lines say where it is."""
+    first = output.splitlines()[0] if output else ''
+    match = re.match(r'\w+, pid (\d+)', first)
+    assert match, f'no pid on the first line of {output!r}'
+    return int(match.group(1))
+
+
+def first_line(output: str) -> str:
+    return output.splitlines()[0] if output else ''

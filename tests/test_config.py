@@ -277,15 +277,43 @@ def test_resolve_home_reports_a_broken_etc_file(tmp_path):
         config.resolve_home(None, str(etc))
 
 
-def test_resolve_home_falls_back_to_the_account_home(tmp_path):
-    assert config.resolve_home(None, str(tmp_path / 'absent')) == my_account().pw_dir
+def test_resolve_home_without_etc_file_uses_HOME(tmp_path, monkeypatch):
+    monkeypatch.setenv('HOME', str(tmp_path / 'scratch'))
+    assert config.resolve_home(None, str(tmp_path / 'absent')) == str(tmp_path / 'scratch')
 
 
-def test_resolve_home_without_password_entry_uses_HOME(tmp_path, monkeypatch):
+def test_resolve_home_etc_file_wins_over_HOME(tmp_path, monkeypatch):
+    etc = tmp_path / 'user'
+    etc.write_text('{"name": "ave", "home": "/srv/ave"}')
+    monkeypatch.setenv('HOME', str(tmp_path / 'scratch'))
+    assert config.resolve_home(None, str(etc)) == '/srv/ave'
+
+
+def test_resolve_home_without_HOME_uses_the_password_database(tmp_path):
+    home = config.resolve_home(None, str(tmp_path / 'absent'), environ={})
+    assert home == my_account().pw_dir
+
+
+def test_resolve_home_with_neither_HOME_nor_password_entry_says_so(tmp_path, monkeypatch):
     def no_entry(uid):
         raise KeyError(uid)
     monkeypatch.setattr(config.pwd, 'getpwuid', no_entry)
-    assert config.resolve_home(None, str(tmp_path / 'absent')) == os.environ['HOME']
+    with pytest.raises(ConfigError, match='no AVE home: no --home, no .*, no \\$HOME'):
+        config.resolve_home(None, str(tmp_path / 'absent'), environ={})
+
+
+def test_existing_home_is_made_absolute(tmp_path, monkeypatch):
+    (tmp_path / 'mine').mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert config.existing_home('mine') == str(tmp_path / 'mine')
+
+
+def test_missing_home_is_refused_with_the_way_to_make_one(tmp_path):
+    typo = str(tmp_path / 'typo')
+    with pytest.raises(ConfigError, match=f'^--home {typo}: no such directory '
+                                          f'\\(ave-config --create-default --home {typo} '):
+        config.existing_home(typo)
+    assert not os.path.exists(typo), 'checking a home created it'
 
 
 # --- reading files: problems with the file as a whole -----------------------------
@@ -372,7 +400,7 @@ FULL_BROKER = {
 DEFAULT_LIMITS = {name: default for name, (default, _, _) in config.LIMITS.items()}
 SECOND_STAGE_DEFAULTS = {'limits': DEFAULT_LIMITS, 'isolation': 'auto',
                          'queue': {'aging_s': 600.0, 'limit': 1000}, 'http': None,
-                         'crash_grace': 60.0}
+                         'lab': None, 'crash_grace': 60.0}
 
 
 def test_empty_broker_config_gets_every_default(home):

@@ -68,6 +68,14 @@ def test_create_default_reports_created_then_skipped(home):
     assert len(first.stdout.splitlines()) == 3 and len(second.stdout.splitlines()) == 3
 
 
+def test_create_default_says_when_it_made_the_home_itself(tmp_path):
+    home = tmp_path / 'typo'
+    proc = ave_config('--create-default', '--home', str(home))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == f'created {home}', 'a new home was made silently'
+    assert len(proc.stdout.splitlines()) == 4
+
+
 def test_create_default_without_home_uses_the_etc_files_home(tmp_path):
     home = tmp_path / 'lab'
     etc = write_etc(tmp_path, json.dumps({'name': 'root', 'home': str(home)}))

@@ -63,15 +63,31 @@ def test_copy_and_pickle_keep_class_and_content():
         assert type(clone) is HandsetProfile and clone == p, clone
 
 
-def test_profile_without_type_is_refused():
+def test_any_dict_with_string_keys_is_a_profile_even_without_type():
+    partial = Profile({'serial': 'CB5A'})
+    assert partial == {'serial': 'CB5A'} and Profile(HANDSET).match(partial)
+
+
+def test_empty_profile_is_a_profile():
+    assert Profile({}) == {} and Profile(HANDSET).match(Profile({}))
+
+
+def test_equipment_profile_without_type_is_refused():
     with pytest.raises(ProfileError, match="has no 'type'"):
-        Profile({'platform': 'android'})
+        HandsetProfile({'serial': 'CB5A'})
+
+
+def test_request_without_type_is_refused_by_validate():
+    with pytest.raises(ProfileError, match="has no 'type'"):
+        Profile.validate(Profile({'serial': 'X1'}))
 
 
 @pytest.mark.parametrize('kind', [None, 5, '', ['handset']])
 def test_type_that_is_not_a_non_empty_string_is_refused(kind):
     with pytest.raises(ProfileError, match="'type' must be a non-empty string"):
-        Profile({'type': kind})
+        HandsetProfile({'type': kind, 'serial': 'CB5A'})
+    with pytest.raises(ProfileError, match="'type' must be a non-empty string"):
+        Profile.validate({'type': kind})
 
 
 def test_non_string_key_is_refused():

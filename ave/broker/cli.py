@@ -4,9 +4,18 @@ Exit status 0 on success; 1 when the work failed or, for ``--status`` and ``--st
 when no broker runs; 2 for a wrong command line. A failure is one line on stderr
 starting with ``ave-broker: ``.
 
+``--start``, ``--restart`` and ``--status`` print ``started, pid N`` (``restarted``,
+``running``) and then one ``name  value`` line each for the address, home, log
+file, isolation mode and version, as the broker reports them (its ``status()`` RPC,
+asked where the process listens, which broker.json may no longer say); when it
+does not answer, what is known without it and the isolation broker.json asks for.
+
 ``--list`` and ``--list-all`` print one line per item, sorted: type, identity, then
 ``key=value`` for the other profile keys in key order, lists joined by commas and
-values quoted as a POSIX shell would need them (``pretty='bench 3'``).
+values quoted as a POSIX shell would need them (``pretty='bench 3'``). With
+``--list-all`` an item that is not available ends in a shell comment saying so
+(``# held by alice@lab1 since 14:03:22 (5m12s)``), which ``shlex.split(line,
+comments=True)`` drops. When nothing is listed, one line on stderr says why.
 
 ``--stop`` sends SIGTERM and waits up to STOP_TIMEOUT seconds. A broker that is
 still there after that is reported, not killed: it may be busy tearing sessions
@@ -24,13 +33,15 @@ import os
 import shlex
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import psutil
 
-from ave import config, persona
-from ave.broker import daemon
+from ave import __version__, config, persona
+from ave.broker import daemon, logfile
+from ave.cli.table import holder_text, printable, since_text
 from ave.exceptions import AveException
 from ave.network.control import RemoteControl
 from ave.network.exceptions import ConnectionException, ConnectionRefused
@@ -38,6 +49,7 @@ from ave.network.process import StartError
 
 STOP_TIMEOUT = 10.0
 LIST_TIMEOUT = 10.0
+STATUS_TIMEOUT = 5.0
 #: After a failed --restart: how long the old broker may take to exit, when it let
 #: go just before its successor died.
 PREDECESSOR_EXIT_WAIT = 1.0
@@ -72,8 +84,10 @@ def _parser() -> argparse.ArgumentParser:
                         help='with --start: run in this process instead of as a daemon, '
                              'logging to stderr (for supervisors such as systemd)')
     parser.add_argument('--home', metavar='DIR',
-                        help='the AVE home holding .ave/config (default: the home named '
-                             f'in {config.ETC_PATH}, else your own)')
+                        help='the AVE home holding .ave/config, which must exist '
+                             f'(default: the home named in {config.ETC_PATH}, else $HOME, '
+                             'else your account\'s)')
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     return parser
 
 
@@ -101,7 +115,9 @@ def _home(home: str | None) -> str:
         etc = config.load_etc()
         persona.become_user(etc['name'])
         return etc['home']
-    return config.resolve_home(home)
+    if home is not None:
+        return config.existing_home(home)
+    return config.resolve_home()
 
 
 def _start(home: str, args: argparse.Namespace) -> int:
@@ -111,7 +127,7 @@ def _start(home: str, args: argparse.Namespace) -> int:
     broker = daemon.BrokerDaemon.from_home(home, foreground=args.foreground)
     if args.foreground:
         return broker.serve_foreground()
-    return _launch(broker, 'the broker failed to start')
+    return _launch(home, broker, 'started', 'the broker failed to start')
 
 
 def _restart(home: str, args: argparse.Namespace) -> int:
@@ -126,7 +142,8 @@ def _restart(home: str, args: argparse.Namespace) -> int:
         return _start(home, args)
     broker = daemon.BrokerDaemon.from_home(home, takeover_from=running.pid)
     try:
-        return _launch(broker, lambda: _after_failed_restart(home))
+        return _launch(home, broker, 'restarted', lambda: _after_failed_restart(home),
+                       f' (took over from pid {running.pid})')
     except Failure:
         if not daemon.wait_for_exit(running, PREDECESSOR_EXIT_WAIT):
             raise
@@ -144,14 +161,18 @@ def _after_failed_restart(home: str) -> str:
     return f'restart failed; broker {serving} serves on'
 
 
-def _launch(broker: daemon.BrokerDaemon, failure: str | Callable[[], str]) -> int:
-    """Start the daemon, print its pid once it serves; its start-up failure ends here."""
+def _launch(home: str, broker: daemon.BrokerDaemon, done: str,
+            failure: str | Callable[[], str], note: str = '') -> int:
+    """Start the daemon and, once it serves, say so with its pid and where it is;
+    its start-up failure ends here."""
     try:
         pid = broker.start(daemonize=True, synchronize=True)
     except StartError as error:
         what = failure if isinstance(failure, str) else failure()
         raise Failure(f'{what}: {error}') from None
-    print(pid)
+    print(f'{done}, pid {pid}{note}')
+    _print_details(home, _listening(psutil.Process(pid))
+                   or (broker.config['host'], broker.config['port']))
     return 0
 
 
@@ -168,11 +189,63 @@ def _stop(home: str, args: argparse.Namespace) -> int:
 
 def _status(home: str, args: argparse.Namespace) -> int:
     status = daemon.find_broker(home)
-    if status.pid is None:
+    if status.process is None:
         print(_not_running(status))
         return 1
     print(f'running, pid {status.pid}')
+    address = _listening(status.process)
+    if address is None:
+        configured = config.load_broker_config(home)
+        address = (configured['host'], configured['port'])
+    _print_details(home, address)
     return 0
+
+
+def _listening(process: psutil.Process) -> tuple[str, int] | None:
+    """Where the broker process listens now (broker.json may have changed since it
+    started); None when that cannot be seen."""
+    try:
+        sockets = [c.laddr for c in process.net_connections(kind='inet')
+                   if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        return None
+    return (sockets[0].ip, sockets[0].port) if sockets else None
+
+
+def _print_details(home: str, address: tuple[str, int]) -> None:
+    """Address, home, log file, isolation and version of the broker at ``address``,
+    as it reports them itself (its ``status()`` RPC). A broker that does not answer
+    gets what can be known without it, and the isolation broker.json asks for."""
+    host, port = address
+    try:
+        with RemoteControl((_WILDCARDS.get(host, host), port), None,
+                           timeout=STATUS_TIMEOUT, optimist=False) as broker:
+            status = broker.status()
+        if not isinstance(status, dict):
+            raise AveException('status() did not answer with an object')
+    except (AveException, ConnectionException) as error:
+        print(f'address    {host}:{port}')
+        print(f'home       {home}')
+        print(f'log        {os.path.join(daemon.log_dir(home), logfile.LOG_FILE)}')
+        print(f'isolation  {_configured_isolation(home)} (the broker did not report its '
+              f'status: {printable(str(error))})')
+        return
+    reported = status.get('address')
+    where = f'{reported[0]}:{reported[1]}' if isinstance(reported, list) \
+        and len(reported) == 2 else f'{host}:{port}'
+    log = status.get('log') or "stderr, kept by its supervisor (journalctl -u ave-broker)"
+    for name, value in (('address', where), ('home', status.get('home')), ('log', log),
+                        ('isolation', status.get('isolation')),
+                        ('version', status.get('version')), ('lab', status.get('lab'))):
+        if value is not None:
+            print(f'{name:<10} {printable(str(value))}')
+
+
+def _configured_isolation(home: str) -> str:
+    try:
+        return f'{config.load_broker_config(home)["isolation"]} as broker.json asks'
+    except config.ConfigError:
+        return 'unknown'
 
 
 def _hickup(home: str, args: argparse.Namespace) -> int:
@@ -184,22 +257,50 @@ def _hickup(home: str, args: argparse.Namespace) -> int:
 
 def _list(home: str, args: argparse.Namespace) -> int:
     broker_config = config.load_broker_config(home)
-    admin_key = config.load_authkeys(home).get('admin')
     host, port = broker_config['host'], broker_config['port']
-    broker = RemoteControl((_WILDCARDS.get(host, host), port), admin_key,
+    broker = RemoteControl((_WILDCARDS.get(host, host), port), None,
                            timeout=LIST_TIMEOUT, optimist=False)
     try:
         with broker:
-            items = broker.list_equipment() if args.action == 'list_all' \
-                else broker.list_available()
+            entries = broker.equipment()
     except ConnectionRefused:
         raise Failure(f'not running (nothing listens on {host}:{port})') from None
     except ConnectionException as error:
         raise Failure(f'the broker at {host}:{port} did not answer: {error}') from None
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get('profile'), dict) for e in entries):
+        raise Failure(f'the broker at {host}:{port} sent a malformed equipment listing')
+    shown = entries if args.action == 'list_all' \
+        else [entry for entry in entries if entry.get('state') == 'available']
     identities = _identities()
-    for line in sorted(_line(profile, identities) for profile in items):
+    for line in sorted(_line(entry['profile'], identities) + _mark(entry) for entry in shown):
         print(line)
+    if not shown:
+        print(f'ave-broker: {_nothing_listed(entries)}', file=sys.stderr)
     return 0
+
+
+def _mark(entry: dict) -> str:
+    """What an item that is not available is doing, as a trailing shell comment."""
+    state = entry.get('state')
+    if state == 'available':
+        return ''
+    text = f'  # {printable(str(state))}'
+    holder = entry.get('holder')
+    if state == 'held' and isinstance(holder, dict):
+        text += f' by {holder_text(holder)}'
+    since = entry.get('since')
+    if isinstance(since, (int, float)) and not isinstance(since, bool):
+        text += f' since {since_text(since, time.time())}'
+    return text
+
+
+def _nothing_listed(entries: list[dict]) -> str:
+    if not entries:
+        return ('the broker lists no equipment (declare it in broker.json, or plug it in; '
+                'workspaces are made on demand and never listed)')
+    return (f'nothing is available now ({len(entries)} items held, releasing or offline; '
+            '--list-all shows them)')
 
 
 _ACTIONS = {'start': _start, 'restart': _restart, 'stop': _stop, 'status': _status,

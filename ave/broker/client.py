@@ -265,11 +265,14 @@ class Broker(RemoteControl):
             with self._lock:
                 self._token = reply['token']
                 self._watch()
-        host, port = reply['session']
-        address = (host or self._address[0], port)
-        proxies = tuple(ResourceProxy(address, reply['authkey'], profile, self._timeout)
-                        for profile in reply['resources'])
+        proxies = tuple(self._proxy(granted) for granted in reply['resources'])
         return proxies[0] if len(proxies) == 1 else proxies
+
+    def _proxy(self, granted: dict) -> ResourceProxy:
+        """A proxy for one granted resource; its session may be on another host."""
+        host, port = granted['session']
+        return ResourceProxy((host or self._address[0], port), granted['authkey'],
+                             granted['profile'], self._timeout)
 
     def _watch(self) -> None:
         """Start the thread that resumes this client after a broker crash."""

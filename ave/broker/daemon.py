@@ -81,17 +81,12 @@ class BrokerDaemon(BrokerServer):
         equipment plug-in cannot be loaded or the port cannot be bound. Nothing has
         been started when this raises.
         """
-        types = load_equipment_types()
-        broker_config = config.load_broker_config(home, _entry_checker(types))
-        _check_stack_types(home, broker_config['stacks'], types)
-        authkeys = config.load_authkeys(home)
-        type_settings = {name: _load_settings(equipment_type, home)
-                         for name, equipment_type in types.items()}
+        checked = check_home(home)
         try:
-            return cls(home, broker_config, authkeys, types, type_settings, foreground,
-                       takeover_from)
+            return cls(home, checked.broker_config, checked.authkeys, checked.types,
+                       checked.type_settings, foreground, takeover_from)
         except OSError as error:
-            where = f'{broker_config["host"]}:{broker_config["port"]}'
+            where = f'{checked.broker_config["host"]}:{checked.broker_config["port"]}'
             reason = error.strerror or str(error)
             raise AveException(f'cannot listen on {where}: {reason}') from None
 
@@ -108,6 +103,11 @@ class BrokerDaemon(BrokerServer):
         systemd.notify('READY=1')
         self.run()
         return 0
+
+    def log_path(self) -> str | None:
+        """The log file a daemon writes; None in the foreground, where the log goes to
+        stderr for the supervisor to keep."""
+        return None if self.foreground else os.path.join(log_dir(self.home), logfile.LOG_FILE)
 
     def redirect(self) -> None:
         """Send the log (and, for a daemon, stray output and tracebacks) somewhere kept.
@@ -153,10 +153,6 @@ class BrokerDaemon(BrokerServer):
                 log.warning('authkeys.json has no %s key: every client may make %s calls',
                             account, account)
 
-    def log_path(self) -> str | None:
-        return None if self.foreground else os.path.join(log_dir(self.home),
-                                                         logfile.LOG_FILE)
-
     def prepare_to_serve(self) -> None:
         """Stage the pid file and take the home's lock, which tells the CLI whose
         broker a pid is."""
@@ -187,6 +183,34 @@ class BrokerDaemon(BrokerServer):
 
 
 # -- checking the configuration ---------------------------------------------------------
+
+@dataclass
+class CheckedHome:
+    """Every configuration file of a home, loaded and checked, and the plug-ins that
+    judged the equipment entries: all a broker needs before it binds its port."""
+
+    broker_config: dict
+    authkeys: dict
+    types: dict[str, EquipmentType]
+    type_settings: dict[str, dict]
+
+
+def check_home(home: str) -> CheckedHome:
+    """Load and check broker.json (each entry by its equipment plug-in), the stacks,
+    authkeys.json and every type's settings (workspace.json).
+
+    Raises ConfigError naming the file and field at fault, AveException when a
+    plug-in cannot be loaded. Binds nothing and starts nothing, so ``ave-config
+    --check`` gives exactly the verdict ``ave-broker --start`` would.
+    """
+    types = load_equipment_types()
+    broker_config = config.load_broker_config(home, _entry_checker(types))
+    _check_stack_types(home, broker_config['stacks'], types)
+    authkeys = config.load_authkeys(home)
+    type_settings = {name: _load_settings(equipment_type, home)
+                     for name, equipment_type in types.items()}
+    return CheckedHome(broker_config, authkeys, types, type_settings)
+
 
 def load_equipment_types() -> dict[str, EquipmentType]:
     """The installed equipment types. A plug-in is code we do not control: whatever it

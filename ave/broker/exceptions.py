@@ -1,7 +1,7 @@
 """Exceptions a broker sends its clients; they arrive typed through exception_factory."""
 from ave.exceptions import AveException, Restarting
 
-__all__ = ['Busy', 'NoSuch', 'NotOwner', 'NotAllocated', 'Restarting']
+__all__ = ['Busy', 'LabUnavailable', 'NoSuch', 'NotOwner', 'NotAllocated', 'Restarting']
 
 
 class Busy(AveException):
@@ -18,3 +18,7 @@ class NotOwner(AveException):
 
 class NotAllocated(AveException):
     """The equipment is not allocated to anyone."""
+
+
+class LabUnavailable(AveException):
+    """The broker cannot reach its lab's etcd lately: it grants nothing until it can."""

@@ -26,12 +26,15 @@ from ave.broker import listing, takeover
 from ave.broker.adoption import Adopter
 from ave.broker.allocator import Allocator, Key
 from ave.broker.exceptions import Busy
+from ave.broker.labmode import LabMode
+from ave.broker.queue import parse_priority, parse_wait
 from ave.broker.sessions import SessionKeeper
 from ave.broker.state import BrokerState, Client, identity_of
 from ave.broker.statuspage import StatusPage
 from ave.broker.waiting import Waiting
 from ave.equipment import EquipmentType
 from ave.exceptions import AuthError, AveException
+from ave.lab.etcd import EtcdError
 from ave.logs import clip
 from ave.network.connection import Connection
 from ave.network.control import Control
@@ -76,6 +79,9 @@ class BrokerServer(Control):
         # A successor takes the running HTTP process over instead of binding anew.
         self.status_page = StatusPage(self, config['http'], bind=takeover_from is None)
         self.waiting.on_granted = self.status_page.observe_wait
+        self.lab = None if config['lab'] is None else \
+            LabMode(self, config['lab'], self.advertised_host())
+        self._lab_lease: int | None = None  # a predecessor's, continued by join
 
     # -- client RPCs -------------------------------------------------------------------
 
@@ -95,7 +101,11 @@ class BrokerServer(Control):
         On failure the client's session is closed and everything it held is freed,
         so no client can sit on half a set while it retries.
         """
-        return self.waiting.get(self._client(), _parse_request(profiles), wait, priority)
+        client, request = self._client(), _parse_request(profiles)
+        if self.lab is None:
+            return self.waiting.get(client, request, wait, priority)
+        self.lab.get(client, request, parse_wait(wait), parse_priority(priority))
+        return None
 
     @Control.rpc
     def resume(self, token: Any) -> dict:
@@ -162,8 +172,7 @@ class BrokerServer(Control):
         log.info('allocated %s to %s', ', '.join(f'{k[0]} {k[1]}' for k in keys),
                  _who(client))
         self.allocations_total += 1
-        reply = {'session': [None, session.port], 'authkey': session.authkey,
-                 'resources': profiles}
+        reply = granted(profiles, [None, session.port], session.authkey)
         if token is not None:
             reply['token'] = token
         return reply
@@ -180,6 +189,9 @@ class BrokerServer(Control):
     def yield_resources(self, *profiles: Any) -> None:
         """Give items back early; they go to others once their session reset them."""
         client = self._client()
+        if self.lab is not None:
+            self.lab.yield_resources(client, [_profile(p) for p in profiles])
+            return
         keys = [self.allocator.check_holder(client.holder, _profile(p)) for p in profiles]
         if client.session is None or client.session.link is None:
             return  # the session ended: its equipment is being reclaimed already
@@ -193,24 +205,32 @@ class BrokerServer(Control):
         """What the calling client holds."""
         assert self.caller is not None
         client = self.state.client(self.caller.connection)
-        return [] if client is None else self.allocator.allocations(client.holder)
+        if client is None:
+            return []
+        if self.lab is not None:
+            return self.lab.allocations_of(client)
+        return self.allocator.allocations(client.holder)
 
     # -- public views ------------------------------------------------------------------
 
     @Control.rpc
     def who(self) -> list[dict]:
         """Every allocation: ``[{profile, holder, since}]``, holder as announced."""
+        if self.lab is not None:
+            return self.lab.who()
         return listing.allocations(self.allocator, self.identity_of)
 
     @Control.rpc
     def queue(self) -> list[dict]:
         """Waiting requests in the order they are served:
         ``[{position, holder, profiles, priority, waited_s}]``."""
-        return self.waiting.describe()
+        return self.waiting.describe() if self.lab is None else self.lab.queue()
 
     @Control.rpc
     def equipment(self) -> list[dict]:
         """Every item (workspaces aside): ``[{profile, state, holder, since}]``."""
+        if self.lab is not None:
+            return self.lab.equipment()
         return listing.equipment(self.allocator, self.identity_of)
 
     @Control.rpc
@@ -220,7 +240,8 @@ class BrokerServer(Control):
                 'address': [self.config['host'], self.port],
                 'log': self.log_path(), 'isolation': self.isolation.describe(),
                 'http': self.status_page.describe(),
-                'lab': None, 'sessions': len(self.state.sessions()),
+                'lab': None if self.lab is None else self.lab.name,
+                'sessions': len(self.state.sessions()),
                 'waiting': len(self.waiting.queue)}
 
     def log_path(self) -> str | None:
@@ -229,6 +250,9 @@ class BrokerServer(Control):
 
     def advertised_host(self) -> str:
         """The name other hosts and people know this broker by."""
+        lab = self.config['lab']
+        if lab is not None and lab.get('advertise'):
+            return str(lab['advertise'])
         host = self.config['host']
         return socketlib.gethostname() if host in ('0.0.0.0', '::') else host
 
@@ -253,16 +277,23 @@ class BrokerServer(Control):
     @Control.rpc
     @Control.preauth('admin')
     def list_equipment(self) -> list[dict]:
+        if self.lab is not None:
+            return [row['profile'] for row in self.lab.equipment()]
         return self.allocator.equipment()
 
     @Control.rpc
     @Control.preauth('admin')
     def list_available(self) -> list[dict]:
+        if self.lab is not None:
+            return [row['profile'] for row in self.lab.equipment()
+                    if row['state'] == 'available']
         return self.allocator.available()
 
     @Control.rpc
     @Control.preauth('admin')
     def list_allocations_all(self) -> list[dict]:
+        if self.lab is not None:
+            return [row['profile'] for row in self.lab.who()]
         return self.allocator.allocations()
 
     @Control.rpc
@@ -295,14 +326,14 @@ class BrokerServer(Control):
     def add_equipment(self, profile: dict) -> None:
         """A lister reports equipment that appeared or changed."""
         self.allocator.add(_profile(profile))
-        self.waiting.schedule()
+        self._equipment_changed()
 
     @Control.rpc
     @Control.preauth('share')
     def remove_equipment(self, profile: dict) -> None:
         """A lister reports equipment that disappeared (kept while held)."""
         self.allocator.remove(self.allocator.key_of(_profile(profile)))
-        self.waiting.schedule()
+        self._equipment_changed()
 
     @Control.rpc
     @Control.preauth('share')
@@ -311,6 +342,11 @@ class BrokerServer(Control):
         if not isinstance(profiles, list):
             raise AveException('sync_equipment() takes a list of profiles')
         self.allocator.sync(type_name, [_profile(p) for p in profiles])
+        self._equipment_changed()
+
+    def _equipment_changed(self) -> None:
+        if self.lab is not None:
+            self.lab.equipment_changed()
         self.waiting.schedule()
 
     # -- session reports ---------------------------------------------------------------
@@ -333,6 +369,8 @@ class BrokerServer(Control):
     def released_item(self, key: Key, clean: bool) -> None:
         """An item's teardown is over: it goes to the next waiter, if one can use it."""
         self.allocator.finish_release(key, clean=clean)
+        if self.lab is not None:
+            self.lab.released(key)
         self.waiting.schedule()
 
     # -- starting, restarting, stopping ------------------------------------------------
@@ -341,9 +379,9 @@ class BrokerServer(Control):
         super().initialize()
         signal.signal(signal.SIGHUP, self.handle_SIGHUP)
         if self.takeover_from is not None:
-            takeover.take_over(self, self.takeover_from, self.prepare_to_serve)
+            takeover.take_over(self, self.takeover_from, self._prepare)
         else:
-            self.prepare_to_serve()
+            self._prepare()
             self.adopter.open()
             self._gather_orphans()
             self.keeper.sweep(self._sweeps())
@@ -360,6 +398,17 @@ class BrokerServer(Control):
             self.adopter.gather()
         finally:
             self._selector_made(self.selector)
+
+    def _prepare(self) -> None:
+        """Everything that can fail before serving; a lab broker joins its lab here,
+        continuing a predecessor's lease."""
+        self.prepare_to_serve()
+        if self.lab is not None:
+            try:
+                self.lab.join(self._lab_lease)
+            except EtcdError as error:
+                raise AveException(f'cannot join the lab {self.lab.name!r}: {error}') \
+                    from None
 
     def close_fds(self, exclude: list[int]) -> None:
         listener = self.status_page.listener
@@ -395,30 +444,38 @@ class BrokerServer(Control):
         """State beyond clients, sessions and items that a successor needs."""
         return {'waiting': self.waiting.export(index_of),
                 'allocations_total': self.allocations_total,
-                'status_page': self.status_page.export(index_of)}
+                'status_page': self.status_page.export(index_of),
+                'lab': None if self.lab is None else self.lab.export(index_of)}
 
     def adopt_extra(self, extra: dict, connections: list[Connection]) -> None:
         """Take over what ``export_extra`` exported."""
         self.waiting.adopt(extra['waiting'], connections)
         self.allocations_total = extra['allocations_total']
         self.status_page.adopt(extra['status_page'], connections)
+        if self.lab is not None and extra['lab'] is not None:
+            self.lab.adopt(extra['lab'], connections)
+            self._lab_lease = extra['lab']['lease']
 
     def let_go(self) -> None:
         """The successor took everything: stop what dies with this process."""
         if self.lister is not None:
             self.lister.terminate()
         self.status_page.let_go()
+        if self.lab is not None:
+            self.lab.let_go()
 
     def run(self) -> None:
         self.serve_imported()
         super().run()
 
     def shutdown(self, details: dict | str | None = None) -> None:
-        """Stop the lister with the broker, and tell every session to end: a link
-        that merely closed would look like a crash to it."""
+        """Stop the lister with the broker, leave the lab, and tell every session to
+        end: a link that merely closed would look like a crash to it."""
         if self.keep_going:
             if self.lister is not None:
                 self.lister.terminate()
+            if self.lab is not None:
+                self.lab.leave()
             self._end_sessions()
             self.adopter.close()
         super().shutdown(details)
@@ -487,6 +544,8 @@ class BrokerServer(Control):
     def lost_connection(self, connection: Connection, authkey: str | None) -> None:
         client = self.state.remove_client(connection)
         if client is not None:
+            if self.lab is not None:
+                self.lab.client_left(client)
             self.waiting.client_left(client)
             self.end_session(client)
         record = self.state.session_of_link(connection)
@@ -498,8 +557,12 @@ class BrokerServer(Control):
         if self.lister is not None and pid == self.lister.pid:
             self._lister_ended(exit)
             return
-        if not self.status_page.ended(pid, exit):
-            self.keeper.ended(pid, exit)
+        if self.status_page.ended(pid, exit):
+            return
+        record = self.state.session(pid)
+        self.keeper.ended(pid, exit)
+        if record is not None and self.lab is not None:
+            self.lab.session_ended(record)
 
 
 @dataclass(frozen=True)
@@ -523,6 +586,13 @@ class Isolation:
         if self.mode == 'off':
             return 'off (broker.json says "isolation": "off")'
         return f'off: {self.problem}'
+
+
+def granted(profiles: list[dict], session: list, authkey: str) -> dict:
+    """A get's result: each resource with the session that hosts it (address, where
+    None means the broker's own, and key), so one get may span several hosts."""
+    return {'resources': [{'profile': profile, 'session': session, 'authkey': authkey}
+                          for profile in profiles]}
 
 
 def limits_of(config: dict) -> Limits:

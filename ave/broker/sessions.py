@@ -40,15 +40,29 @@ class SessionKeeper:
 
     def start(self, client: Client) -> SessionRecord:
         """Fork the client's session without waiting for it to initialize."""
+        record = self.open(client)
+        self.server.state.attach(client, record)
+        return record
+
+    def open(self, client: Client | None = None) -> SessionRecord:
+        """Fork a session; without ``client`` it serves no client of this broker's (a
+        lab's job from another host) and is known by its pid and link.
+
+        A session outlives a crash of its broker only for a client of this broker,
+        which can come back to the next one; in a lab, allocations live under leases
+        in etcd that a crashed broker no longer keeps, so its sessions end with it.
+        """
         server = self.server
         listener, port = find_free_port(host=server.config['host'])
         broker_end, session_end = socketlib.socketpair()
         authkey = secrets.token_urlsafe(32)
+        survives = client is not None and server.lab is None
         process = Session(listener, authkey, session_end, server.types, server.home,
                           logging=server.logging, isolated=server.isolation.enabled,
                           hidden=server.hidden_paths(),
-                          crash_grace=server.config['crash_grace'],
-                          client={'identity': client.describe(), 'token': client.token})
+                          crash_grace=server.config['crash_grace'] if survives else 0.0,
+                          client=None if client is None else
+                          {'identity': client.describe(), 'token': client.token})
         try:
             process.start()
         finally:
@@ -57,7 +71,7 @@ class SessionKeeper:
         link = Connection(('session', process.pid), broker_end)
         record = SessionRecord(process, port, authkey, link)
         server.add_connection(link)
-        server.state.attach(client, record)
+        server.state.add_session(record)
         server.join_later(process)
         return record
 

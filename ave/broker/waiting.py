@@ -13,7 +13,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from ave.broker import listing
+from ave.broker import listing, suggest
+from ave.broker.allocator import Allocator
 from ave.broker.exceptions import Busy, NoSuch
 from ave.broker.queue import WaitQueue, parse_priority, parse_wait
 from ave.broker.state import Client
@@ -24,6 +25,19 @@ if TYPE_CHECKING:
     from ave.broker.server import BrokerServer
 
 log = logging.getLogger(__name__)
+
+
+def with_hint(message: str, request: list, allocator: Allocator) -> str:
+    """A NoSuch message with the reason nothing matches, when one can be named."""
+    def defaulted(wanted: dict) -> dict:
+        kind = allocator.types.get(wanted.get('type'))  # type: ignore[arg-type]
+        return wanted if kind is None else {**kind.request_defaults, **wanted}
+    defaults = [[defaulted(p) for p in entry] if isinstance(entry, list)
+                else defaulted(entry) for entry in request]
+    identities = {name: kind.identity for name, kind in allocator.types.items()}
+    known = [dict(item.profile) for item in allocator.items.values()]
+    found = suggest.first_hint(defaults, known, identities)
+    return f'{message}: {found}' if found else message
 
 
 class Waiting:
@@ -51,9 +65,9 @@ class Waiting:
         try:
             items = self.queue.allocate_now(server.allocator, client.holder, request,
                                             now, priority)
-        except NoSuch:
+        except NoSuch as error:
             server.end_session(client)
-            raise
+            raise NoSuch(with_hint(str(error), request, server.allocator)) from None
         except Busy:
             if wait == 0:
                 message = self._busy(client, request, now, priority)

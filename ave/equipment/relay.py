@@ -30,6 +30,8 @@ import json
 import logging
 import math
 import shlex
+import shutil
+from types import MappingProxyType
 from typing import Any
 
 from ave import sandbox
@@ -178,6 +180,8 @@ class RelayType(EquipmentType):
     name = 'relay'
     profile_class = RelayProfile
     resource_class = Relay
+    # A request means a relay that works, unless it asks for another power_state.
+    request_defaults = MappingProxyType({'power_state': 'online'})
 
     def validate_entry(self, entry: dict) -> None:
         """Raise ValueError naming the first wrong field of a broker.json relay entry.
@@ -188,9 +192,17 @@ class RelayType(EquipmentType):
         _check_entry(entry)
 
     def profile_of(self, entry: dict) -> RelayProfile:
-        """The relay's profile: identity, sorted circuit names, and ``pretty`` if set."""
+        """The relay's profile: identity, sorted circuit names, and ``pretty`` if set.
+
+        A relay whose commands cannot run (a program not installed, a typo in its
+        path) is ``offline``, with a ``problem`` saying which, instead of being
+        handed to a job that would find out at its first switch.
+        """
         values = {'type': self.name, 'uid': entry['uid'],
                   'circuits': sorted(entry['circuits']), 'power_state': 'online'}
+        problem = _missing_program(entry['circuits'])
+        if problem:
+            values.update(power_state='offline', problem=problem)
         if 'pretty' in entry:
             values['pretty'] = entry['pretty']
         return RelayProfile(values)
@@ -205,6 +217,17 @@ def _reset_error(uid: str, failures: list[RelayError], total: int) -> RelayError
     lines += [f'  {failure}' for failure in failures]
     return RelayError({'message': '\n'.join(lines), 'uid': uid,
                        'failures': [dict(failure.details) for failure in failures]})
+
+
+def _missing_program(circuits: dict) -> str:
+    """Why some circuit's command cannot run ('' if every program is there)."""
+    for name, circuit in sorted(circuits.items()):
+        for state in _STATES:
+            program = circuit['close' if state == 'closed' else 'open'][0]
+            if shutil.which(program) is None:
+                return (f'circuit {name!r} cannot be {state}: {program!r} is not an '
+                        'executable program here')
+    return ''
 
 
 def _quoted(argv: list[str]) -> str:

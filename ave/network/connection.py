@@ -287,6 +287,26 @@ class Connection:
         wanted = self._decoder.wanted()
         return RECV_SIZE if wanted <= RECV_SIZE else min(wanted, LARGE_RECV_SIZE)
 
+    def say_and_close(self, payload: bytes | str) -> None:
+        """Send one frame if the socket takes it at once (a courtesy), then close."""
+        try:
+            self.put(payload)
+        except (ConnectionAgain, ConnectionClosed, OSError):
+            pass  # the close below is what matters
+        self.close()
+
+    def deliver(self, payload: bytes | str, deadline: float) -> None:
+        """Best effort to send one last frame before ``deadline`` (monotonic)."""
+        try:
+            self.queue(payload)
+            while not self.flush():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                select.select([], [self.open_socket()], [], min(remaining, 0.05))
+        except (ConnectionClosed, OSError):
+            return
+
     def pending_input(self) -> bytes:
         """Received bytes not yet returned as frames (for handing the peer over)."""
         return self._decoder.pending()

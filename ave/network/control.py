@@ -1,12 +1,10 @@
 """RPC services: ``Control``, a service serving framed JSON requests on an event loop.
 
-What the frames contain is ``ave.network.protocol``'s business, what state a
-connection is in is ``ave.network.peer``'s, and timers, signals, worker threads and
-child processes are ``ave.network.loop``'s; this module moves bytes and peers between
-them. Reading it top to bottom answers "what happens to a request": it is read in
-``_on_established``, decoded and checked in ``_serve``, authorized in ``_find_rpc``,
-called through ``invoke`` and answered through ``_send`` (at once, or later through
-a ``Reply`` when the method deferred it).
+Frames are ``ave.network.protocol``'s business, connection states ``ave.network.peer``'s,
+timers, signals, threads and children ``ave.network.loop``'s; this module moves bytes
+and peers between them. A request is read in ``_on_established``, decoded and checked
+in ``_serve``, authorized in ``_find_rpc``, called through ``invoke`` and answered
+through ``_send`` (at once, or later through a ``Reply`` when the method deferred it).
 """
 from __future__ import annotations
 
@@ -15,7 +13,7 @@ import logging as logginglib
 import selectors
 import socket as socketlib
 import time
-from collections import defaultdict, deque
+from collections import deque
 from typing import Any, Callable
 
 from ave.exceptions import AuthError, AveException, Exit
@@ -24,7 +22,7 @@ from ave.network import peer as peers
 from ave.network import protocol
 from ave.network.connection import Connection
 from ave.network.exceptions import ConnectionAgain, ConnectionClosed
-from ave.network.limits import Limits
+from ave.network.limits import Admission, Limits
 from ave.network.loop import EventLoop
 from ave.network.peer import (AUTHENTICATING, CLOSED, ESTABLISHED, IN_SERVICE, RELEASED,
                               SERVING, WATCHED, Peer)
@@ -84,8 +82,7 @@ class Control(EventLoop):
         self._peers: dict[Connection, Peer] = {}
         self._handshakes: deque[Peer] = deque()
         self._accept_pause = ACCEPT_BACKOFF[0]
-        self._per_address: defaultdict[str, int] = defaultdict(int)
-        self._accepted = 0
+        self._admission = Admission(self.limits)
         self._buffered = 0
         self.throttle = Throttle(log)
         self._handlers.update({
@@ -176,29 +173,20 @@ class Control(EventLoop):
     def _admit(self, connection: Connection) -> None:
         """Start the handshake, unless the connection caps refuse the newcomer."""
         address = str(connection.address[0])
-        refusal = self._refusal(address)
+        refusal = self._admission.refusal(address)
         if refusal is not None:
             self.throttle.warning('refused', 'refusing a client: %s', refusal)
-            _refuse(connection, refusal)
+            connection.say_and_close(protocol.encode_exception(AveException(refusal)))
             return
         connection.limit_input(protocol.HANDSHAKE_FRAME_LIMIT)
         peer = Peer(connection, AUTHENTICATING)
         peer.address_key = address
-        self._per_address[address] += 1
-        self._accepted += 1
+        self._admission.enter(address)
         peer.nonce, frame = protocol.challenge()
         peer.deadline = time.monotonic() + (self.limits.handshake_s or HANDSHAKE_TIMEOUT)
         self._handshakes.append(peer)
         self._watch(peer)
         self._send(peer, frame)
-
-    def _refusal(self, address: str) -> str | None:
-        if self._accepted >= self.limits.connections:
-            return f'too many connections (limit {self.limits.connections})'
-        if self._per_address[address] >= self.limits.connections_per_address:
-            return (f'too many connections from {address} '
-                    f'(limit {self.limits.connections_per_address})')
-        return None
 
     def _expire_handshakes(self, now: float) -> None:
         while self._handshakes and (self._handshakes[0].state != AUTHENTICATING
@@ -306,10 +294,7 @@ class Control(EventLoop):
         self._buffered -= peer.buffered
         peer.buffered = 0
         if peer.address_key is not None:
-            self._accepted -= 1
-            self._per_address[peer.address_key] -= 1
-            if not self._per_address[peer.address_key]:
-                del self._per_address[peer.address_key]
+            self._admission.leave(peer.address_key)
             peer.address_key = None
 
     def _close(self, peer: Peer) -> None:
@@ -320,15 +305,20 @@ class Control(EventLoop):
 
     def _receive(self, peer: Peer) -> bytes | None:
         """One buffered or freshly read frame, or None; a broken peer is closed."""
+        return self._read(peer, peer.connection.get)
+
+    def _read(self, peer: Peer, read: Callable[[], Any]) -> Any:
+        """What ``read`` of the peer's connection returns, or None after closing a
+        broken peer; what arrived counts against the cap of unfinished frames."""
         try:
-            frame = peer.connection.get()
+            result = read()
         except ConnectionClosed as error:
             log.debug('%s gone: %s', peer.connection, error)
         except OSError as error:
             self.throttle.warning('read', '%s failed: %s', peer.connection, error)
         else:
             self._account(peer)
-            return frame
+            return result
         self._close(peer)
         return None
 
@@ -360,16 +350,7 @@ class Control(EventLoop):
             self._flush(peer)
         if not mask & selectors.EVENT_READ or peer.state != SERVING:
             return
-        try:
-            peer.connection.fill()
-        except ConnectionClosed:
-            self._close(peer)
-            return
-        except OSError as error:
-            self.throttle.warning('read', '%s failed: %s', peer.connection, error)
-            self._close(peer)
-            return
-        self._account(peer)
+        self._read(peer, peer.connection.fill)
         if peer.state == SERVING and peer.connection.buffered_input() > SERVING_INPUT_CAP:
             peer.parked = True
             self._update_interest(peer)
@@ -580,8 +561,7 @@ class Control(EventLoop):
         else:
             peer.connection.limit_input(self.limits.frame_bytes)
         if peer.address_key is not None:
-            self._per_address[peer.address_key] += 1
-            self._accepted += 1
+            self._admission.enter(peer.address_key)
         peer.parked = peer.state == SERVING \
             and peer.connection.buffered_input() > SERVING_INPUT_CAP
         self._watch(peer)
@@ -605,7 +585,7 @@ class Control(EventLoop):
         deadline = time.monotonic() + EXIT_FLUSH_TIMEOUT
         for peer in list(self._peers.values()):
             if peer.state in (ESTABLISHED, SERVING):
-                _last_words(peer.connection, exit_frame, deadline)
+                peer.connection.deliver(exit_frame, deadline)
             self._close(peer)
         self.stop_listening()
         self._close_loop()
@@ -617,27 +597,4 @@ def _make_listener(host: str, port: int | None,
         return sock
     listener = Connection((host, port or 0))
     listener.listen()
-    assert listener.socket is not None
-    return listener.socket
-
-
-def _refuse(connection: Connection, reason: str) -> None:
-    """Tell a refused client why, in place of the challenge, then close."""
-    try:
-        connection.put(protocol.encode_exception(AveException(reason)))
-    except (ConnectionAgain, ConnectionClosed, OSError):
-        pass  # the reason is a courtesy; the refusal itself is the close below
-    connection.close()
-
-
-def _last_words(connection: Connection, frame: str, deadline: float) -> None:
-    """Best effort to deliver the Exit frame before closing, bounded by ``deadline``."""
-    try:
-        connection.queue(frame)
-        while not connection.flush():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            selectors.DefaultSelector().select(min(remaining, 0.05))
-    except (ConnectionClosed, OSError):
-        return
+    return listener.open_socket()

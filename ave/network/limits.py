@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import resource
+from collections import Counter
 from dataclasses import dataclass, replace
 
 from ave.network.framing import DEFAULT_LIMIT
@@ -59,3 +60,31 @@ class Limits:
         return replace(self, connections=fitted,
                        connections_per_address=min(self.connections_per_address,
                                                    fitted // 2))
+
+
+class Admission:
+    """Counts accepted connections, in total and per remote address, against the
+    caps of ``Limits``: ``refusal`` says why a newcomer may not come in."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.total = 0
+        self.by_address: Counter[str] = Counter()
+
+    def refusal(self, address: str) -> str | None:
+        if self.total >= self.limits.connections:
+            return f'too many connections (limit {self.limits.connections})'
+        if self.by_address[address] >= self.limits.connections_per_address:
+            return (f'too many connections from {address} '
+                    f'(limit {self.limits.connections_per_address})')
+        return None
+
+    def enter(self, address: str) -> None:
+        self.total += 1
+        self.by_address[address] += 1
+
+    def leave(self, address: str) -> None:
+        self.total -= 1
+        self.by_address[address] -= 1
+        if not self.by_address[address]:
+            del self.by_address[address]

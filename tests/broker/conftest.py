@@ -42,6 +42,7 @@ from ave import config
 from ave.broker import Broker
 from ave.broker.daemon import log_dir, pid_file_path, wait_for_exit
 from ave.network.connection import above_ephemeral_ports, find_free_port
+from support import reported_pid
 
 CLI = [sys.executable, '-m', 'ave.broker.cli']
 CLI_TIMEOUT = 30.0
@@ -124,7 +125,7 @@ class BrokerHome:
             self.write_broker_json({**self.broker_json, 'port': self.port})
             result = self.cli('--start', prefix=prefix)
         assert result.returncode == 0, f'ave-broker --start failed: {result.stderr}'
-        self.pid = int(result.stdout)
+        self.pid = reported_pid(result.stdout)
         return self
 
     def client(self, authkey: str | None = None, timeout: float = 5.0) -> Broker:

@@ -496,3 +496,14 @@ def test_relay_whose_reset_failed_is_reset_for_the_next_holder(start_broker, tmp
     lab.client().get({'type': 'relay', 'uid': 'r1'}).get_profile()
     assert (state / 'r1.c1').read_text().strip() == 'open', \
         'a relay whose reset failed must be reset before its next holder gets it'
+
+
+def test_a_relay_whose_command_cannot_run_is_offline_with_the_reason(start_broker):
+    broken = {'type': 'relay', 'uid': 'r9', 'circuits': {'c1': {
+        'open': ['no-such-relay-tool', 'off'], 'close': ['true'], 'default': 'open'}}}
+    lab = start_broker(equipment=[broken])
+    row = lab.client().equipment()[0]
+    assert (row['state'], row['profile']['power_state']) == ('offline', 'offline'), row
+    assert "'no-such-relay-tool' is not an executable program" in row['profile']['problem']
+    with pytest.raises(NoSuch, match="power_state 'online'"):
+        lab.client().get({'type': 'relay', 'uid': 'r9'})

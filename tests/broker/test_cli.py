@@ -5,6 +5,7 @@ test started, so a failing test leaves nothing running.
 """
 import glob
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -59,7 +60,7 @@ def bystander():
 def test_start_prints_the_pid_that_status_and_the_pid_file_report(broker):
     result = broker.cli('--status')
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f'running, pid {broker.pid}\n'
+    assert support.first_line(result.stdout) == f'running, pid {broker.pid}'
     assert broker.read_pid_file() == broker.pid, 'the pid file names another process'
     assert psutil.Process(broker.pid).name() == 'ave-broker', 'daemon is misnamed'
 
@@ -156,7 +157,7 @@ def test_foreground_writes_the_pid_file_and_a_signal_ends_it_with_0(broker_home,
         process = lab.popen('--start', '--foreground', stderr=stderr)
     assert wait_until(lambda: lab.read_pid_file() == process.pid), \
         'the foreground broker never wrote its own pid to the pid file'
-    assert lab.cli('--status').stdout == f'running, pid {process.pid}\n'
+    assert support.first_line(lab.cli('--status').stdout) == f'running, pid {process.pid}'
     process.send_signal(signum)
     assert process.wait(10) == 0, f'{signum.name} did not end the foreground broker with 0'
     assert not os.path.exists(lab.pid_file), 'the pid file outlived the broker'
@@ -194,8 +195,21 @@ def test_list_all_shows_every_relay_and_list_only_free_ones(start_broker):
     lab.client().get({'type': 'relay', 'uid': 'r1'})
     listed_all = lab.cli('--list-all')
     listed = lab.cli('--list')
-    assert listed_all.stdout == line.format('r1') + line.format('r2'), listed_all.stderr
+    held, free = listed_all.stdout.splitlines()
+    assert held.startswith(line.format('r1').strip() + '  # held by '), listed_all.stderr
+    assert shlex.split(held, comments=True) == line.format('r1').split(), \
+        'the mark must be a comment that splitting drops'
+    assert free + '\n' == line.format('r2'), listed_all.stderr
     assert listed.stdout == line.format('r2'), listed.stderr
+
+
+def test_list_with_nothing_free_says_why_on_stderr(start_broker):
+    lab = start_broker(equipment=[relay('r1')])
+    lab.client().get({'type': 'relay', 'uid': 'r1'})
+    result = lab.cli('--list')
+    assert (result.returncode, result.stdout) == (0, ''), result.stderr
+    assert result.stderr == ('ave-broker: nothing is available now (1 items held, releasing '
+                             'or offline; --list-all shows them)\n')
 
 
 def test_list_without_equipment_prints_nothing(broker):
@@ -239,6 +253,7 @@ def test_broken_workspace_json_fails_start(broker_home):
 
 
 def test_missing_configuration_names_the_file(tmp_path):
+    (tmp_path / 'empty').mkdir()
     result = subprocess.run([sys.executable, '-m', 'ave.broker.cli', '--start',
                              '--home', str(tmp_path / 'empty')],
                             capture_output=True, text=True, timeout=30)

@@ -20,7 +20,7 @@ import time
 import psutil
 import pytest
 
-from support import wait_until
+from support import first_line, reported_pid, wait_until
 from ave.broker import Broker
 from ave.broker import rendezvous
 from ave.broker.daemon import wait_for_exit
@@ -216,7 +216,7 @@ def test_broker_crashing_twice_and_restarting_in_between_loses_nothing(crash_lab
         relay.set_circuit('c1', True)
         lab.start()
         client.get(WORKSPACE).run('true')
-        lab.pid = int(lab.cli('--restart').stdout)
+        lab.pid = reported_pid(lab.cli('--restart').stdout)
         relay.set_circuit('c1', False)
     assert sorted(p['type'] for p in client.list_allocations()) == \
         ['relay', 'workspace', 'workspace']
@@ -356,8 +356,8 @@ def test_a_crash_at_any_step_of_a_restart_loses_no_job(crash_lab, jobs, tmp_path
             restart.kill()
             restart.wait(10)
     assert (restart.returncode == 0) == restart_succeeds, err
-    lab.pid = int(out) if restart_succeeds else old.pid
-    assert lab.cli('--status').stdout.strip() == f'running, pid {lab.pid}'
+    lab.pid = reported_pid(out) if restart_succeeds else old.pid
+    assert first_line(lab.cli('--status').stdout) == f'running, pid {lab.pid}'
     with pytest.raises(Busy):
         lab.client().get(R1)
     stop.write_text('stop')

@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from support import wait_until
+from support import first_line, reported_pid, wait_until
 from ave.broker import Broker
 from ave.broker.exceptions import Busy
 from ave.network import framing
@@ -95,7 +95,7 @@ def jobs():
 def restart(lab):
     result = lab.cli('--restart')
     assert result.returncode == 0, f'--restart failed: {result.stderr}'
-    return int(result.stdout)
+    return reported_pid(result.stdout)
 
 
 def test_five_restarts_under_load_lose_nothing(start_broker, jobs, tmp_path):
@@ -132,7 +132,7 @@ def test_status_shows_the_new_pid_and_the_old_broker_is_gone(start_broker):
     lab = start_broker()
     old = lab.pid
     new = restart(lab)
-    assert lab.cli('--status').stdout.strip() == f'running, pid {new}'
+    assert first_line(lab.cli('--status').stdout) == f'running, pid {new}'
     assert wait_until(lambda: not psutil.pid_exists(old)
                       or psutil.Process(old).status() == psutil.STATUS_ZOMBIE)
     lab.pid = new
@@ -142,7 +142,7 @@ def test_restart_with_nothing_running_starts_the_broker(broker_home):
     lab = broker_home()
     result = lab.cli('--restart')
     assert result.returncode == 0, result.stderr
-    lab.pid = int(result.stdout)
+    lab.pid = reported_pid(result.stdout)
     assert lab.cli('--status').returncode == 0
 
 
@@ -155,7 +155,7 @@ def test_malformed_new_config_fails_loudly_and_old_broker_serves_on(start_broker
     result = lab.cli('--restart')
     assert result.returncode == 1
     assert 'broker.json' in result.stderr and 'line' in result.stderr
-    assert lab.cli('--status').stdout.strip() == f'running, pid {lab.pid}'
+    assert first_line(lab.cli('--status').stdout) == f'running, pid {lab.pid}'
     assert relay.get_profile()['uid'] == 'r1', 'the old broker must keep serving'
 
 
@@ -166,7 +166,7 @@ def test_failed_takeover_leaves_old_broker_serving(start_broker):
     lab.write_broker_json({**lab.broker_json, 'port': lab.port + 1})
     result = lab.cli('--restart')
     assert result.returncode == 1 and 'serves on' in result.stderr, result.stderr
-    assert lab.cli('--status').stdout.strip() == f'running, pid {lab.pid}'
+    assert first_line(lab.cli('--status').stdout) == f'running, pid {lab.pid}'
     assert client.list_allocations()[0]['uid'] == 'r1'
     assert relay.get_profile()['uid'] == 'r1'
 
@@ -245,6 +245,6 @@ def test_takeover_tells_a_supervising_systemd_its_new_main_pid(start_broker, tmp
                                 timeout=30, stdin=subprocess.DEVNULL,
                                 env={**os.environ, 'NOTIFY_SOCKET': address})
         assert result.returncode == 0, result.stderr
-        lab.pid = int(result.stdout)
+        lab.pid = reported_pid(result.stdout)
         message = supervisor.recv(4096).decode()
     assert message == f'MAINPID={lab.pid}\nREADY=1'

@@ -267,3 +267,10 @@ def test_a_long_wait_ages_past_a_newer_request_of_higher_priority(start_broker, 
         'the old request did not age past the newer one'
     holder.yield_resources(r1)
     assert old.done() and old.error is None and newer.result is None
+
+
+def test_nosuch_says_what_is_wrong_with_the_request(lab):
+    with pytest.raises(NoSuch, match=r"no relay has key 'uidd' \(did you mean 'uid'\?\)"):
+        lab.client().get({'type': 'relay', 'uidd': 'r1'})
+    with pytest.raises(NoSuch, match=r"no relay has uid 'r9' \(known: r1, r2\)"):
+        lab.client().get({'type': 'relay', 'uid': 'r9'})

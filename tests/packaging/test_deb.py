@@ -175,7 +175,7 @@ class DebianRoot:
     def broker_pid(self) -> int:
         """The pid (in the root) that ``ave-broker --status`` reports, run as root."""
         status = self.run('ave-broker', '--status', check=False)
-        match = re.fullmatch(r'running, pid (\d+)\n', status.stdout)
+        match = re.match(r'running, pid (\d+)\n', status.stdout)
         assert status.returncode == 0 and match, \
             f'ave-broker --status: {status.stdout}{status.stderr}'
         return int(match.group(1))
@@ -340,6 +340,14 @@ def test_install_puts_commands_extension_and_unit_in_place(installed):
     extension = glob.glob(installed.file('/usr/lib/python3/dist-packages/ave/_native*.so'))
     assert extension, 'the compiled FdTx extension is not installed'
     installed.run('/usr/bin/python3', '-c', 'import ave._native')
+
+
+def test_install_puts_ave_its_manual_and_its_completion_in_place(installed):
+    for path in ('/usr/bin/ave', '/usr/share/man/man1/ave.1.gz',
+                 '/usr/share/bash-completion/completions/ave'):
+        assert os.path.isfile(installed.file(path)), f'{path} is not installed'
+    listed = installed.run('ave', 'list', '--all', check=False)
+    assert listed.returncode == 0, f'ave list --all: {listed.stderr}'
 
 
 def test_unit_passes_systemd_analyze_verify(installed):
