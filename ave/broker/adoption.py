@@ -294,7 +294,10 @@ class Adopter:
             self._accounted.add(presentation.pid)
         self._last_arrival = time.monotonic()
         server.add_connection(link)
-        server.notify(link, 'adopted', server.config['crash_grace'])
+        try:
+            server.notify(link, 'adopted', server.config['crash_grace'])
+        except ConnectionClosed:
+            pass  # it went meanwhile: its end is noticed through its pid, as any session's
         server.serve_pending(link)
         server.keeper.watch_adopted(record)
         if not self.gathering:
