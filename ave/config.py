@@ -16,7 +16,6 @@ sees half a file and whatever the lab owner already wrote always wins.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import errno
 import json
 import os
@@ -24,10 +23,10 @@ import pwd
 import secrets
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from ave.exceptions import AveException
+from ave.checks import Checker, ConfigError, read_json, shown
 
 ETC_PATH = '/etc/ave/user'
 
@@ -83,20 +82,6 @@ _ETC_KEYS = ('name', 'home')
 
 # Errors from os.link() meaning "this file system has no hard links", not "failed".
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
-
-
-class ConfigError(AveException):
-    """A configuration file is missing, unreadable, malformed or has a wrong field.
-
-    The message is one line starting with the file's path; ``path`` and ``field``
-    (None for problems with the file as a whole) are also attributes.
-    """
-
-    @classmethod
-    def at(cls, path: str, problem: str, field: str | None = None) -> ConfigError:
-        """Build the error for ``field`` of the file at ``path`` (or the whole file)."""
-        where = path if field is None else f"{path}: field '{field}'"
-        return cls({'message': f'{where}: {problem}', 'path': path, 'field': field})
 
 
 # --- paths and the home directory -------------------------------------------------
@@ -258,8 +243,8 @@ def _publish(temp: str, path: str) -> bool:
 
 def load_etc(path: str = ETC_PATH) -> dict[str, str]:
     """The checked content of ``/etc/ave/user``: ``{'name': str, 'home': absolute path}``."""
-    check = _Checker(path)
-    data = check.json_object(None, _read_json(path), _ETC_KEYS)
+    check = Checker(path)
+    data = check.json_object(None, read_json(path), _ETC_KEYS)
     return {'name': check.string('name', check.required(data, 'name')),
             'home': check.absolute_path('home', check.required(data, 'home'))}
 
@@ -271,8 +256,8 @@ def load_authkeys(home: str) -> dict[str, str | None]:
     never repeat a key, only its JSON type.
     """
     path = os.path.join(config_dir(home), 'authkeys.json')
-    check = _Checker(path)
-    data = check.json_object(None, _read_json(path))
+    check = Checker(path)
+    data = check.json_object(None, read_json(path))
     return {name: check.string_or_null(name, key, secret=True) for name, key in data.items()}
 
 
@@ -293,8 +278,8 @@ def load_broker_config(home: str,
     reported as a ConfigError on ``equipment[i]``.
     """
     path = os.path.join(config_dir(home), 'broker.json')
-    check = _Checker(path)
-    data = check.json_object(None, _read_json(path), BROKER_KEYS)
+    check = Checker(path)
+    data = check.json_object(None, read_json(path), BROKER_KEYS)
     config: dict[str, Any] = {
         'host': check.string('host', data.get('host', DEFAULT_HOST)),
         'port': check.port('port', data.get('port', DEFAULT_PORT)),
@@ -316,39 +301,39 @@ def load_broker_config(home: str,
     return config
 
 
-def _stacks(check: _Checker, value: Any) -> list[list[dict]]:
+def _stacks(check: Checker, value: Any) -> list[list[dict]]:
     """Each stack is a list of profile objects, each naming its type."""
     return [[check.typed(f'stacks[{i}][{j}]', member)
              for j, member in enumerate(check.json_list(f'stacks[{i}]', stack))]
             for i, stack in enumerate(check.json_list('stacks', value))]
 
 
-def _remote(check: _Checker, value: Any) -> dict[str, Any]:
+def _remote(check: Checker, value: Any) -> dict[str, Any]:
     """The broker this one shares with or forwards to; host and policy are required."""
     data = check.json_object('remote', value, _REMOTE_KEYS)
     policy = check.required(data, 'policy', 'remote')
     if policy not in _POLICIES:
-        raise check.error('remote.policy', f'expected "share" or "forward", got {_shown(policy)}')
+        raise check.error('remote.policy', f'expected "share" or "forward", got {shown(policy)}')
     return {'host': check.string('remote.host', check.required(data, 'host', 'remote')),
             'port': check.port('remote.port', data.get('port', DEFAULT_PORT)),
             'policy': policy,
             'authkey': check.string_or_null('remote.authkey', data.get('authkey'), secret=True)}
 
 
-def _lab(check: _Checker, value: Any) -> dict[str, Any]:
+def _lab(check: Checker, value: Any) -> dict[str, Any]:
     """The lab this broker belongs to: its name, its etcd cluster's client URLs, the
     lease's time to live (seconds) and the name other hosts reach this one by."""
     data = check.json_object('lab', value, _LAB_KEYS)
     name = check.string('lab.name', check.required(data, 'name', 'lab'))
     if '/' in name:
-        raise check.error('lab.name', f'may not contain "/", got {_shown(name)}')
+        raise check.error('lab.name', f'may not contain "/", got {shown(name)}')
     urls = check.json_list('lab.etcd', check.required(data, 'etcd', 'lab'))
     if not urls:
         raise check.error('lab.etcd', 'expected at least one etcd URL')
     for index, url in enumerate(urls):
         if not isinstance(url, str) or not url.startswith('http://'):
             raise check.error(f'lab.etcd[{index}]',
-                              f'expected an http:// URL, got {_shown(url)}')
+                              f'expected an http:// URL, got {shown(url)}')
     advertise = data.get('advertise')
     return {'name': name, 'etcd': urls,
             'ttl': check.number('lab.ttl', data.get('ttl', DEFAULT_LAB_TTL), 2, 3600,
@@ -357,14 +342,14 @@ def _lab(check: _Checker, value: Any) -> dict[str, Any]:
             else check.string('lab.advertise', advertise)}
 
 
-def _http(check: _Checker, value: Any) -> dict[str, Any]:
+def _http(check: Checker, value: Any) -> dict[str, Any]:
     """Where the status page and metrics are served; the port is required."""
     data = check.json_object('http', value, _HTTP_KEYS)
     return {'host': check.string('http.host', data.get('host', DEFAULT_HOST)),
             'port': check.port('http.port', check.required(data, 'port', 'http'))}
 
 
-def _numbers(check: _Checker, field: str, value: Any,
+def _numbers(check: Checker, field: str, value: Any,
              known: dict[str, tuple[int | float, int | float, int | float]]
              ) -> dict[str, int | float]:
     """An object of numbers (``limits``, ``queue``): each from broker.json where
@@ -378,13 +363,13 @@ def _numbers(check: _Checker, field: str, value: Any,
     return numbers
 
 
-def _equipment(check: _Checker, value: Any) -> list[dict]:
+def _equipment(check: Checker, value: Any) -> list[dict]:
     """Statically declared equipment: objects that name their type."""
     return [check.typed(f'equipment[{i}]', entry)
             for i, entry in enumerate(check.json_list('equipment', value))]
 
 
-def _check_entry(check: _Checker, field: str, entry: dict,
+def _check_entry(check: Checker, field: str, entry: dict,
                  check_equipment: Callable[[dict], None] | None) -> None:
     """Let the equipment plug-in judge ``entry``; its ValueError names our field."""
     if check_equipment is None:
@@ -406,8 +391,8 @@ def load_workspace_config(home: str) -> dict[str, Any]:
     optional and must be an integer above 0.
     """
     path = os.path.join(config_dir(home), 'workspace.json')
-    check = _Checker(path)
-    data = check.json_object(None, _read_json(path), _WORKSPACE_KEYS)
+    check = Checker(path)
+    data = check.json_object(None, read_json(path), _WORKSPACE_KEYS)
     root = data.get('root', os.path.join(os.path.abspath(home), '.ave', 'workspaces'))
     tools = check.json_object('tools', data.get('tools', {}))
     limits = check.json_object('limits', data.get('limits', {}), _WORKSPACE_LIMIT_KEYS)
@@ -421,159 +406,3 @@ def load_workspace_config(home: str) -> dict[str, Any]:
                 'unzip_max_entries': check.positive_int(
                     'limits.unzip_max_entries', limits.get('unzip_max_entries',
                                                            DEFAULT_UNZIP_MAX_ENTRIES))}}
-
-
-# --- reading and checking JSON ----------------------------------------------------
-
-class _DuplicateKey(ValueError):
-    """Raised while parsing: the same key twice in one object, the later one would win."""
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Build one JSON object, refusing a repeated key instead of keeping the last."""
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
-
-
-def _read_json(path: str) -> Any:
-    """Parse the file at ``path``; every way of failing becomes a one-line ConfigError."""
-    try:
-        with open(path, encoding='utf-8') as stream:
-            return json.load(stream, object_pairs_hook=_unique_keys)
-    except FileNotFoundError:
-        raise ConfigError.at(path, 'no such file') from None
-    except OSError as err:
-        raise ConfigError.at(path, f'cannot read: {err.strerror}') from None
-    except UnicodeDecodeError:
-        raise ConfigError.at(path, 'not UTF-8 text') from None
-    except json.JSONDecodeError as err:
-        raise ConfigError.at(
-            path, f'malformed JSON at line {err.lineno} column {err.colno}: {err.msg}') from None
-    except _DuplicateKey as err:
-        raise ConfigError.at(path, f'key {str(err)!r} appears twice in one object') from None
-
-
-def _kind(value: Any) -> str:
-    """The JSON name of ``value``'s type, with an article, for messages."""
-    if value is None:
-        return 'null'
-    if isinstance(value, bool):
-        return 'a boolean'
-    if isinstance(value, (int, float)):
-        return 'a number'
-    if isinstance(value, str):
-        return 'a string'
-    return 'a list' if isinstance(value, list) else 'an object'
-
-
-def _shown(value: Any) -> str:
-    """How a wrong value appears in a message: scalars as JSON, containers by kind."""
-    if isinstance(value, (list, dict)):
-        return _kind(value)
-    text = json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + '...'
-
-
-class _Checker:
-    """Field checks for one file; each returns the value or raises a ConfigError.
-
-    ``field`` is the dotted/indexed name shown to the lab owner (``remote.port``,
-    ``stacks[0][1].type``); None means the top level of the file.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def error(self, field: str | None, problem: str) -> ConfigError:
-        return ConfigError.at(self.path, problem, field)
-
-    def json_object(self, field: str | None, value: Any,
-               known: Iterable[str] | None = None) -> dict[str, Any]:
-        """A JSON object; with ``known``, a key outside it is refused by name."""
-        if not isinstance(value, dict):
-            raise self.error(field, f'expected an object, got {_shown(value)}')
-        if known is not None:
-            for key in value:
-                if key not in known:
-                    raise self.error(_join(field, key), _unknown(key, known))
-        return value
-
-    def required(self, data: dict, key: str, parent: str | None = None) -> Any:
-        if key not in data:
-            raise self.error(_join(parent, key), 'required but missing')
-        return data[key]
-
-    def json_list(self, field: str, value: Any) -> list:
-        if not isinstance(value, list):
-            raise self.error(field, f'expected a list, got {_shown(value)}')
-        return value
-
-    def string(self, field: str, value: Any) -> str:
-        if not isinstance(value, str) or not value:
-            raise self.error(field, f'expected a non-empty string, got {_shown(value)}')
-        return value
-
-    def string_or_null(self, field: str, value: Any, secret: bool = False) -> str | None:
-        """A string or null; a ``secret`` field's wrong value is described, never shown."""
-        if value is not None and not isinstance(value, str):
-            got = _kind(value) if secret else _shown(value)
-            raise self.error(field, f'expected a string or null, got {got}')
-        return value
-
-    def port(self, field: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-            raise self.error(field, f'expected an integer from 1 to 65535, got {_shown(value)}')
-        return value
-
-    def number(self, field: str, value: Any, low: float, high: float,
-               integer: bool = False) -> int | float:
-        """A number (an integer if ``integer``) from ``low`` to ``high``."""
-        kinds = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds) \
-                or not low <= value <= high:
-            kind = 'an integer' if integer else 'a number'
-            raise self.error(field, f'expected {kind} from {low:g} to {high:g}, '
-                                    f'got {_shown(value)}')
-        return value
-
-    def choice(self, field: str, value: Any, choices: Iterable[str]) -> str:
-        choices = tuple(choices)
-        if value not in choices:
-            raise self.error(field, f'expected one of {", ".join(map(json.dumps, choices))}, '
-                                    f'got {_shown(value)}')
-        return value
-
-    def positive_int(self, field: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise self.error(field, f'expected an integer above 0, got {_shown(value)}')
-        return value
-
-    def absolute_path(self, field: str, value: Any) -> str:
-        """A string that is an absolute path once ``~`` is expanded."""
-        path = os.path.expanduser(self.string(field, value))
-        if not os.path.isabs(path):
-            raise self.error(field, f'expected an absolute path, got {_shown(value)}')
-        return path
-
-    def typed(self, field: str, value: Any) -> dict[str, Any]:
-        """An object with a non-empty string ``type``: a profile or equipment entry."""
-        data = self.json_object(field, value)
-        self.string(f'{field}.type', self.required(data, 'type', field))
-        return data
-
-
-def _join(parent: str | None, key: str) -> str:
-    return key if parent is None else f'{parent}.{key}'
-
-
-def _unknown(key: str, known: Iterable[str]) -> str:
-    """The complaint about an unknown key, with a suggestion when one is close."""
-    known = list(known)
-    close = difflib.get_close_matches(key, known, n=1)
-    if close:
-        return f"unknown key (did you mean '{close[0]}'?)"
-    return 'unknown key (expected one of: ' + ', '.join(known) + ')'

@@ -28,6 +28,7 @@ every process started here is stopped and reaped in the end, also after an error
 from __future__ import annotations
 
 import argparse
+import json
 import contextlib
 import importlib.metadata
 import logging
@@ -46,12 +47,13 @@ from typing import Any, Callable, NamedTuple
 
 import psutil
 
-from ave import cmd
+from ave import cmd, config
 from ave.broker.client import Broker
 from ave.broker.exceptions import Busy
 from ave.broker.server import BrokerServer
 from ave.equipment import load_types
 from ave.exceptions import Timeout
+from ave.network.connection import above_ephemeral_ports, find_free_port
 
 from _common import (Children, describe, die_with_parent, percentile, receive_message,
                      render_table, send_message)
@@ -202,13 +204,18 @@ def relay_entry(number: int) -> dict:
 
 
 def start_broker(home: str) -> BenchBroker:
-    config = {'host': HOST, 'port': 0, 'stacks': [], 'remote': None,
-              'equipment': [relay_entry(n) for n in range(1, POOL + 1)]}
-    settings = {'workspace': {'root': os.path.join(home, 'workspaces'), 'tools': {},
-                              'pretty': None},
-                'relay': {}}
-    server = BenchBroker(home, config, {'admin': 'bench-admin', 'share': 'bench-share'},
-                         load_types(), settings)
+    """A broker configured the way a lab owner would: broker.json with every default,
+    the relays of the pool and a free port."""
+    config.create_default(home)
+    sock, port = find_free_port(start=above_ephemeral_ports(), listen=False)
+    sock.close()
+    with open(os.path.join(config.config_dir(home), 'broker.json'), 'w') as stream:
+        json.dump({'host': HOST, 'port': port,
+                   'equipment': [relay_entry(n) for n in range(1, POOL + 1)]}, stream)
+    types = load_types()
+    settings = {name: kind.load_settings(home) for name, kind in types.items()}
+    server = BenchBroker(home, config.load_broker_config(home), config.load_authkeys(home),
+                         types, settings)
     server.start(synchronize=True)
     return server
 

@@ -345,7 +345,7 @@ def test_top_level_must_be_an_object(home, name):
     path = write_config(home, name, [])
     with pytest.raises(ConfigError) as info:
         LOADERS[name](home)
-    assert str(info.value) == f'{path}: expected an object, got a list'
+    assert str(info.value) == f'{path}: expected an object, got an empty list'
 
 
 def test_duplicate_key_is_refused(home):
@@ -460,7 +460,7 @@ BAD_BROKER = [
     ({'port': [4000]}, 'port', 'expected an integer from 1 to 65535, got a list'),
     ({'prot': 4000}, 'prot', "unknown key (did you mean 'port'?)"),
     ({'zzz': 1}, 'zzz', f'unknown key (expected one of: {", ".join(config.BROKER_KEYS)})'),
-    ({'stacks': {}}, 'stacks', 'expected a list, got an object'),
+    ({'stacks': {}}, 'stacks', 'expected a list, got an empty object'),
     ({'stacks': ['x']}, 'stacks[0]', 'expected a list, got "x"'),
     ({'stacks': [[3]]}, 'stacks[0][0]', 'expected an object, got 3'),
     ({'stacks': [[{'type': 'a'}, {}]]}, 'stacks[0][1].type', 'required but missing'),
@@ -478,7 +478,7 @@ BAD_BROKER = [
      'expected a string or null, got a number'),
     ({'remote': {'host': 'm', 'policy': 'share', 'polcy': 'x'}}, 'remote.polcy',
      "unknown key (did you mean 'policy'?)"),
-    ({'equipment': {}}, 'equipment', 'expected a list, got an object'),
+    ({'equipment': {}}, 'equipment', 'expected a list, got an empty object'),
     ({'equipment': [3]}, 'equipment[0]', 'expected an object, got 3'),
     ({'equipment': [{'uid': 'r1'}]}, 'equipment[0].type', 'required but missing'),
     ({'equipment': [{'type': 'relay'}, {'type': ''}]}, 'equipment[1].type',
@@ -548,7 +548,7 @@ BAD_WORKSPACE = [
     ({'root': 'ws'}, 'root', 'expected an absolute path, got "ws"'),
     ({'root': 5}, 'root', 'expected a non-empty string, got 5'),
     ({'root': ''}, 'root', 'expected a non-empty string, got ""'),
-    ({'tools': []}, 'tools', 'expected an object, got a list'),
+    ({'tools': []}, 'tools', 'expected an object, got an empty list'),
     ({'tools': {'git': 5}}, 'tools.git', 'expected a non-empty string, got 5'),
     ({'tools': {'git': ''}}, 'tools.git', 'expected a non-empty string, got ""'),
     ({'pretty': 5}, 'pretty', 'expected a string or null, got 5'),

@@ -33,7 +33,7 @@ from ave.cmd import _follow, _spawn
 from ave.cmd._output import Output
 from ave.exceptions import RunError, Timeout
 
-__all__ = ['run', 'run_bg']
+__all__ = ['check_timeout', 'run', 'run_bg']
 
 Command = str | list[str] | tuple[str, ...]
 Path = str | os.PathLike[str]
@@ -63,7 +63,7 @@ def run(cmd: Command, timeout: float = 0, debug: bool = False, cwd: Path = '',
     """
     argv = _argv(cmd)
     cwd = _directory(cwd)
-    timeout = _seconds(timeout)
+    timeout = check_timeout(timeout)
     output = Output(_sinks(debug, output_file), _output_limit(max_output))
     pid, master = _start(cmd, argv, cwd)
     try:
@@ -169,8 +169,10 @@ def _output_limit(max_output: object) -> int | None:
     return max_output
 
 
-def _seconds(timeout: object) -> float:
-    if not isinstance(timeout, (int, float)):
+def check_timeout(timeout: object) -> float:
+    """A command's time limit in seconds (0: none), as ``run`` takes it; TypeError or
+    ValueError otherwise. Shared by everything that passes a job's timeout on."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f'timeout must be a number of seconds, not '
                         f'{type(timeout).__name__}')
     if not math.isfinite(timeout) or timeout < 0:

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ave import sandbox
+from ave.cmd import check_timeout
 from ave.cmd import run as run_command
 from ave.cmd.tail import shown
 from ave.equipment import REPLY_LIMIT, EquipmentType, Resource, fitted_to_reply
@@ -152,7 +153,7 @@ class Handset(Resource):
         if isinstance(cmd, list):
             cmd = shlex.join([_string('cmd item', arg) for arg in cmd])
         argv = shell_argv(self._serial, _string('cmd', cmd))
-        return self._adb(argv, _timeout(timeout))
+        return self._adb(argv, check_timeout(timeout))
 
     def push(self, src: str, dst: str) -> None:
         """Copy the file or directory ``src`` of a workspace to ``dst`` on the handset."""
@@ -194,7 +195,7 @@ class Handset(Resource):
         raised naming the last state seen.
         """
         wanted = _power_states(states)
-        limit = _timeout(timeout)
+        limit = check_timeout(timeout)
         deadline = time.monotonic() + limit if limit else math.inf
         while True:
             state = self.get_power_state()
@@ -311,13 +312,6 @@ def _power_states(states: Any) -> list[str]:
             raise ValueError(f'unknown power state {state!r} (expected one of: '
                              f'{", ".join(POWER_STATES)})')
     return wanted
-
-
-def _timeout(value: Any) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or value < 0):
-        raise ValueError(f'timeout must be a number of seconds, 0 or more, got {value!r}')
-    return float(value)
 
 
 def _string(name: str, value: Any) -> str:

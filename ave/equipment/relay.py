@@ -25,17 +25,15 @@ sandbox for ``kill()``: a session ending stops a hung relay command at once.
 """
 from __future__ import annotations
 
-import difflib
-import json
 import logging
-import math
 import shlex
 import shutil
 from types import MappingProxyType
 from typing import Any
 
 from ave import sandbox
-from ave.cmd.tail import shown
+from ave.checks import Checker, shown
+from ave.cmd.tail import shown as shown_output
 from ave.equipment import EquipmentType, Resource
 from ave.exceptions import AveException, RunError, Timeout
 from ave.profile import Profile
@@ -169,7 +167,7 @@ class Relay(Resource):
                exit_code: int | None = None) -> RelayError:
         message = f'relay {self._uid!r} circuit {name!r}: {problem}'
         if out:
-            message += f' (output: {shown(out)})'
+            message += f' (output: {shown_output(out)})'
         return RelayError({'message': message, 'uid': self._uid, 'circuit': name,
                            'cmd': list(argv), 'exit_code': exit_code, 'out': out})
 
@@ -239,100 +237,43 @@ def _quoted(argv: list[str]) -> str:
 # --- checking a broker.json entry ---------------------------------------------------
 
 def _check_entry(entry: Any) -> None:
-    _check_object(None, entry, _ENTRY_KEYS)
-    if _required(entry, 'type') != RelayType.name:
-        raise _fail('type', f'expected "relay", got {_shown(entry["type"])}')
-    _check_string('uid', _required(entry, 'uid'))
-    _check_circuits(_required(entry, 'circuits'))
-    if 'pretty' in entry:
-        _check_string('pretty', entry['pretty'])
-    if 'timeout' in entry:
-        _check_timeout(entry['timeout'])
+    """Raise ValueError naming the first wrong field, as every config check does."""
+    check = Checker(None)
+    data = check.json_object(None, entry, _ENTRY_KEYS)
+    if check.required(data, 'type') != RelayType.name:
+        raise check.error('type', f'expected "relay", got {shown(data["type"])}')
+    check.string('uid', check.required(data, 'uid'))
+    _check_circuits(check, check.required(data, 'circuits'))
+    if 'pretty' in data:
+        check.string('pretty', data['pretty'])
+    if 'timeout' in data:
+        check.seconds('timeout', data['timeout'])
 
 
-def _check_circuits(circuits: Any) -> None:
+def _check_circuits(check: Checker, circuits: Any) -> None:
     if not isinstance(circuits, dict) or not circuits:
-        raise _fail('circuits', 'expected a non-empty object of circuit name -> commands, '
-                    f'got {_shown(circuits)}')
+        raise check.error('circuits', 'expected a non-empty object of circuit name -> '
+                                      f'commands, got {shown(circuits)}')
     for name, circuit in circuits.items():
-        if not isinstance(name, str) or not name:
-            raise _fail('circuits', f'expected circuit names to be non-empty strings, '
-                        f'got {_shown(name)}')
-        _check_circuit(f'circuits.{name}', circuit)
+        if not name:
+            raise check.error('circuits', 'expected circuit names to be non-empty strings, '
+                                          'got ""')
+        field = f'circuits.{name}'
+        data = check.json_object(field, circuit, _CIRCUIT_KEYS)
+        _check_argv(check, f'{field}.open', check.required(data, 'open', field))
+        _check_argv(check, f'{field}.close', check.required(data, 'close', field))
+        check.choice(f'{field}.default', check.required(data, 'default', field), _STATES)
 
 
-def _check_circuit(field: str, circuit: Any) -> None:
-    _check_object(field, circuit, _CIRCUIT_KEYS)
-    _check_argv(f'{field}.open', _required(circuit, 'open', field))
-    _check_argv(f'{field}.close', _required(circuit, 'close', field))
-    default = _required(circuit, 'default', field)
-    if default not in _STATES:
-        raise _fail(f'{field}.default', f'expected "open" or "closed", got {_shown(default)}')
-
-
-def _check_argv(field: str, argv: Any) -> None:
+def _check_argv(check: Checker, field: str, argv: Any) -> None:
     """A command as ave.cmd.run takes it: a program followed by its arguments."""
     if not isinstance(argv, list) or not argv:
-        raise _fail(field, f'expected a non-empty list of strings, got {_shown(argv)}')
+        raise check.error(field, f'expected a non-empty list of strings, got {shown(argv)}')
     for index, arg in enumerate(argv):
         if not isinstance(arg, str):
-            raise _fail(f'{field}[{index}]', f'expected a string, got {_shown(arg)}')
+            raise check.error(f'{field}[{index}]', f'expected a string, got {shown(arg)}')
         if '\0' in arg:
-            raise _fail(f'{field}[{index}]', 'contains a NUL character, which no command '
-                        'line can carry')
+            raise check.error(f'{field}[{index}]', 'contains a NUL character, which no '
+                                                  'command line can carry')
     if not argv[0]:
-        raise _fail(f'{field}[0]', 'expected the name or path of a program, got ""')
-
-
-def _check_timeout(value: Any) -> None:
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or value <= 0):
-        raise _fail('timeout', f'expected a number of seconds above 0, got {_shown(value)}')
-
-
-def _check_string(field: str, value: Any) -> None:
-    if not isinstance(value, str) or not value:
-        raise _fail(field, f'expected a non-empty string, got {_shown(value)}')
-
-
-def _check_object(field: str | None, value: Any, known: tuple[str, ...]) -> None:
-    """A JSON object whose keys are all in ``known``; the first stranger is named."""
-    if not isinstance(value, dict):
-        raise _fail(field, f'expected an object, got {_shown(value)}')
-    for key in value:
-        if key not in known:
-            raise _fail(_join(field, str(key)), _unknown(str(key), known))
-
-
-def _required(data: dict, key: str, parent: str | None = None) -> Any:
-    if key not in data:
-        raise _fail(_join(parent, key), 'required but missing')
-    return data[key]
-
-
-def _unknown(key: str, known: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(key, known, n=1)
-    if close:
-        return f"unknown key (did you mean '{close[0]}'?)"
-    return f'unknown key (expected one of: {", ".join(known)})'
-
-
-def _join(parent: str | None, key: str) -> str:
-    return key if parent is None else f'{parent}.{key}'
-
-
-def _fail(field: str | None, problem: str) -> ValueError:
-    return ValueError(problem if field is None else f'{field}: {problem}')
-
-
-def _shown(value: Any) -> str:
-    """A wrong value as a message shows it: scalars as JSON, containers by kind."""
-    if isinstance(value, list):
-        return 'a list' if value else 'an empty list'
-    if isinstance(value, dict):
-        return 'an object' if value else 'an empty object'
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 60 else text[:57] + '...'
+        raise check.error(f'{field}[0]', 'expected the name or path of a program, got ""')
