@@ -203,10 +203,11 @@ def _status(home: str, args: argparse.Namespace) -> int:
 
 def _listening(process: psutil.Process) -> tuple[str, int] | None:
     """Where the broker process listens now (broker.json may have changed since it
-    started); None when that cannot be seen."""
+    started); None when that cannot be seen. psutil before 6.0 (Debian 12's) names
+    the call ``connections``."""
+    sockets_of = getattr(process, 'net_connections', None) or process.connections
     try:
-        sockets = [c.laddr for c in process.net_connections(kind='inet')
-                   if c.status == psutil.CONN_LISTEN]
+        sockets = [c.laddr for c in sockets_of(kind='inet') if c.status == psutil.CONN_LISTEN]
     except psutil.Error:
         return None
     return (sockets[0].ip, sockets[0].port) if sockets else None

@@ -15,6 +15,7 @@ nothing is ever signalled on the file's word alone.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -158,6 +159,7 @@ class BrokerDaemon(BrokerServer):
         broker a pid is."""
         self._lock_fd = os.open(lock_file_path(self.home),
                                 os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
         self._staged_pid = stage_pid_file(pid_file_path(self.home), os.getpid())
 
     def _publish_pid(self) -> None:
@@ -315,9 +317,34 @@ def _holds_lock(process: psutil.Process, home: str) -> bool:
     existed (a package upgrade restarts it); name and start time must do then.
     """
     lock = lock_file_path(home)
-    if not os.path.exists(lock):
+    try:
+        inode = os.stat(lock).st_ino
+    except FileNotFoundError:
         return True
-    return any(f.path == lock for f in process.open_files())
+    try:
+        return any(f.path == lock for f in process.open_files())
+    except psutil.AccessDenied:
+        return process.pid in _flock_holders(inode)
+
+
+def _flock_holders(inode: int) -> set[int]:
+    """The pids holding a lock on the file numbered ``inode``, as /proc/locks says.
+
+    The fallback for a broker whose open files we may not read: one that dropped
+    root's privileges is not dumpable, so even its own account cannot list them,
+    while /proc/locks is readable by everyone.
+    """
+    holders = set()
+    try:
+        with open('/proc/locks', encoding='ascii', errors='replace') as stream:
+            for line in stream:
+                fields = line.split()
+                if len(fields) >= 6 and fields[1] == 'FLOCK' and fields[4].isdigit() \
+                        and fields[5].rpartition(':')[2] == str(inode):
+                    holders.add(int(fields[4]))
+    except OSError:
+        pass
+    return holders
 
 
 def stage_pid_file(path: str, pid: int) -> str:

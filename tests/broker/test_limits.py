@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from support import wait_until
+from ave.broker import daemon
 from ave.broker.exceptions import Busy
 from ave.network import framing, protocol
 from ave.network.remote import RemoteControl
@@ -233,6 +234,15 @@ def test_stop_of_one_home_never_stops_the_broker_of_another(start_broker, broker
     result = home.cli('--stop')
     assert result.returncode == 1 and psutil.Process(other.pid).is_running(), \
         f'--stop of one home stopped the broker of another: {result.stdout}{result.stderr}'
+
+
+def test_proc_locks_names_the_broker_of_a_home_and_no_other(start_broker, broker_home):
+    """The check used when a broker's open files are not readable (it dropped root's
+    privileges, so it is not dumpable): /proc/locks names the holder of each lock."""
+    serving, other = start_broker(), start_broker()
+    lock = os.path.join(os.path.dirname(serving.pid_file), 'broker.lock')
+    holders = daemon._flock_holders(os.stat(lock).st_ino)
+    assert serving.pid in holders and other.pid not in holders
 
 
 def test_broker_without_keys_says_so_in_its_log(broker_home):
