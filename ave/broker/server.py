@@ -18,11 +18,10 @@ import os
 import signal
 import socket as socketlib
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from ave import __version__, sandbox
-from ave.broker import listing, takeover
+from ave.broker import listing, requests, takeover
 from ave.broker.adoption import Adopter
 from ave.broker.allocator import Allocator, Key
 from ave.broker.exceptions import Busy
@@ -41,12 +40,10 @@ from ave.network.control import Control
 from ave.network.exceptions import ConnectionClosed
 from ave.network.limits import Limits
 from ave.network.process import Process
-from ave.profile import Profile
 
 log = logging.getLogger(__name__)
 
 LISTER_RESTART_DELAY = 1.0
-MAX_PROFILES_PER_GET = 64
 
 
 class BrokerServer(Control):
@@ -59,7 +56,7 @@ class BrokerServer(Control):
                  socket: Any = None, logging: bool = False,
                  takeover_from: int | None = None) -> None:
         port = None if takeover_from is not None else config['port']
-        limits = limits_of(config)
+        limits = Limits.from_config(config['limits'])
         super().__init__(port, socket=socket, alt_keys=authkeys, home=home,
                          proc_name='ave-broker', logging=logging, host=config['host'],
                          limits=limits)
@@ -74,7 +71,7 @@ class BrokerServer(Control):
         self.adopter = Adopter(self)
         self.waiting = Waiting(self, config['queue']['aging_s'], config['queue']['limit'])
         self.lister: Process | None = None
-        self.isolation = Isolation.decide(config['isolation'])
+        self.isolation = sandbox.Isolation.decide(config['isolation'])
         self.allocations_total = 0
         # A successor takes the running HTTP process over instead of binding anew.
         self.status_page = StatusPage(self, config['http'], bind=takeover_from is None)
@@ -101,7 +98,7 @@ class BrokerServer(Control):
         On failure the client's session is closed and everything it held is freed,
         so no client can sit on half a set while it retries.
         """
-        client, request = self._client(), _parse_request(profiles)
+        client, request = self._client(), requests.parse_request(profiles)
         if self.lab is None:
             return self.waiting.get(client, request, wait, priority)
         self.lab.get(client, request, parse_wait(wait), parse_priority(priority))
@@ -172,7 +169,7 @@ class BrokerServer(Control):
         log.info('allocated %s to %s', ', '.join(f'{k[0]} {k[1]}' for k in keys),
                  _who(client))
         self.allocations_total += 1
-        reply = granted(profiles, [None, session.port], session.authkey)
+        reply = requests.granted(profiles, [None, session.port], session.authkey)
         if token is not None:
             reply['token'] = token
         return reply
@@ -190,9 +187,9 @@ class BrokerServer(Control):
         """Give items back early; they go to others once their session reset them."""
         client = self._client()
         if self.lab is not None:
-            self.lab.yield_resources(client, [_profile(p) for p in profiles])
+            self.lab.yield_resources(client, [requests.checked_profile(p) for p in profiles])
             return
-        keys = [self.allocator.check_holder(client.holder, _profile(p)) for p in profiles]
+        keys = [self.allocator.check_holder(client.holder, requests.checked_profile(p)) for p in profiles]
         if client.session is None or client.session.link is None:
             return  # the session ended: its equipment is being reclaimed already
         for key in keys:
@@ -305,7 +302,7 @@ class BrokerServer(Control):
     @Control.preauth('admin')
     def close_session(self, profile: dict) -> None:
         """End the session of whoever holds ``profile`` (its equipment is reclaimed)."""
-        key = self.allocator.key_of(_profile(profile))
+        key = self.allocator.key_of(requests.checked_profile(profile))
         item = self.allocator.items.get(key)
         client = None if item is None or item.holder is None \
             else self.state.client_by_holder(item.holder)
@@ -325,14 +322,14 @@ class BrokerServer(Control):
     @Control.preauth('share')
     def add_equipment(self, profile: dict) -> None:
         """A lister reports equipment that appeared or changed."""
-        self.allocator.add(_profile(profile))
+        self.allocator.add(requests.checked_profile(profile))
         self._equipment_changed()
 
     @Control.rpc
     @Control.preauth('share')
     def remove_equipment(self, profile: dict) -> None:
         """A lister reports equipment that disappeared (kept while held)."""
-        self.allocator.remove(self.allocator.key_of(_profile(profile)))
+        self.allocator.remove(self.allocator.key_of(requests.checked_profile(profile)))
         self._equipment_changed()
 
     @Control.rpc
@@ -341,7 +338,7 @@ class BrokerServer(Control):
         """A lister's complete view of one type, sent when it (re)starts."""
         if not isinstance(profiles, list):
             raise AveException('sync_equipment() takes a list of profiles')
-        self.allocator.sync(type_name, [_profile(p) for p in profiles])
+        self.allocator.sync(type_name, [requests.checked_profile(p) for p in profiles])
         self._equipment_changed()
 
     def _equipment_changed(self) -> None:
@@ -565,71 +562,6 @@ class BrokerServer(Control):
             self.lab.session_ended(record)
 
 
-@dataclass(frozen=True)
-class Isolation:
-    """Whether jobs' commands run sandboxed, as broker.json asked and the host allows."""
-
-    mode: str
-    enabled: bool
-    problem: str | None
-
-    @classmethod
-    def decide(cls, mode: str) -> Isolation:
-        """Probe the sandbox (not for ``off``); ``required`` without one raises
-        SandboxUnavailable, with the reason, before anything starts."""
-        problem = None if mode == 'off' else sandbox.probe()
-        return cls(mode, sandbox.enabled_for(mode, problem), problem)
-
-    def describe(self) -> str:
-        if self.enabled:
-            return 'on'
-        if self.mode == 'off':
-            return 'off (broker.json says "isolation": "off")'
-        return f'off: {self.problem}'
-
-
-def granted(profiles: list[dict], session: list, authkey: str) -> dict:
-    """A get's result: each resource with the session that hosts it (address, where
-    None means the broker's own, and key), so one get may span several hosts."""
-    return {'resources': [{'profile': profile, 'session': session, 'authkey': authkey}
-                          for profile in profiles]}
-
-
-def limits_of(config: dict) -> Limits:
-    """The connection caps of broker.json's ``"limits"``, fitted to the descriptors."""
-    limits = config['limits']
-    return Limits(frame_bytes=limits['frame_bytes'],
-                  buffered_bytes=limits['buffered_bytes'],
-                  connections=limits['connections'],
-                  connections_per_address=limits['connections_per_address'],
-                  handshake_s=limits['handshake_s']).fitted_to_descriptors()
-
-
 def _who(client: Client) -> str:
     identity = client.describe()
     return clip(' '.join(f'{k}={v}' for k, v in identity.items()), 300)
-
-
-def _parse_request(profiles: tuple) -> list[dict | list[dict]]:
-    """Check a get() request: profiles (dicts) and stack groups (lists of dicts)."""
-    if not profiles:
-        raise AveException('get() needs at least one profile')
-    request: list[dict | list[dict]] = []
-    count = 0
-    for entry in profiles:
-        if isinstance(entry, list):
-            if not entry:
-                raise AveException('an empty group cannot be allocated')
-            request.append([_profile(member) for member in entry])
-            count += len(entry)
-        else:
-            request.append(_profile(entry))
-            count += 1
-    if count > MAX_PROFILES_PER_GET:
-        raise AveException(f'at most {MAX_PROFILES_PER_GET} profiles per get()')
-    return request
-
-
-def _profile(value: Any) -> dict:
-    Profile.validate(value)
-    return dict(value)

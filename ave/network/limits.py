@@ -36,6 +36,15 @@ class Limits:
     #: Seconds a new peer has to finish its handshake.
     handshake_s: float | None = None
 
+    @classmethod
+    def from_config(cls, limits: dict) -> Limits:
+        """The caps of broker.json's (checked) ``"limits"``, fitted to the descriptors."""
+        return cls(frame_bytes=limits['frame_bytes'],
+                   buffered_bytes=limits['buffered_bytes'],
+                   connections=limits['connections'],
+                   connections_per_address=limits['connections_per_address'],
+                   handshake_s=limits['handshake_s']).fitted_to_descriptors()
+
     def fitted_to_descriptors(self) -> Limits:
         """These limits with ``connections`` lowered below the descriptor limit.
 

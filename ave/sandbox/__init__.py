@@ -150,6 +150,29 @@ def enabled_for(mode: str, problem: str | None) -> bool:
 
 
 @dataclass(frozen=True)
+class Isolation:
+    """Whether jobs' commands run sandboxed, as broker.json asked and the host allows."""
+
+    mode: str
+    enabled: bool
+    problem: str | None
+
+    @classmethod
+    def decide(cls, mode: str) -> Isolation:
+        """Probe the sandbox (not for ``off``); ``required`` without one raises
+        SandboxUnavailable, with the reason, before anything starts."""
+        problem = None if mode == 'off' else probe()
+        return cls(mode, enabled_for(mode, problem), problem)
+
+    def describe(self) -> str:
+        if self.enabled:
+            return 'on'
+        if self.mode == 'off':
+            return 'off (broker.json says "isolation": "off")'
+        return f'off: {self.problem}'
+
+
+@dataclass(frozen=True)
 class _Output:
     """Where a command's output goes besides its result, and how much is kept."""
 
