@@ -385,6 +385,7 @@ class BrokerServer(Control):
         self.adopter.arm_placeholders()
         self._start_lister()
         self.status_page.start()
+        self.keeper.replenish()
 
     def _gather_orphans(self) -> None:
         """Adopt the sessions a crashed broker left, before any client is served:
@@ -474,6 +475,7 @@ class BrokerServer(Control):
             if self.lab is not None:
                 self.lab.leave()
             self._end_sessions()
+            self.keeper.drop_spare()
             self.adopter.close()
         super().shutdown(details)
 
