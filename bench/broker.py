@@ -11,9 +11,10 @@ and by how long a brand-new job waits for its first piece of equipment (that fir
 
 * cycle = ``r = b.get(profile, wait=CYCLE_WAIT)``, one call on ``r`` (answered by
   the session), ``b.yield_resources(r)``: for a relay from a pool of eight (its reset
-  runs the circuit commands, ``true`` here, through ``ave.cmd`` on allocation and on
-  release: part of the real cost) and for a workspace (a directory made and
-  deleted); from one client, then from eight clients competing for the same pool.
+  runs the circuit commands, ``true`` here, through ``ave.cmd`` on release, part of
+  the real cost; on allocation only after a release that did not finish cleanly)
+  and for a workspace (a directory made and deleted); from one client, then from
+  eight clients competing for the same pool.
   The ``get`` waits its turn in the broker's queue, as a real job does; a get that
   still ends in Busy is retried and counted, not counted as a cycle.
 * first allocation = new ``Broker``, ``get``, first call on the resource returns.
@@ -22,10 +23,10 @@ and by how long a brand-new job waits for its first piece of equipment (that fir
   competing for eight places; its first allocation is a new client session + acquire.
   labgrid has no queue: a client that finds no idle place asks again at once.
 * labgrid + reset: the same, with the relay's reset done the way a labgrid job would
-  do it, in the client: ``subprocess.run(['true'])`` after the acquire and again
-  before the release (the place stays taken while it is reset, as a relay being
-  reset is not handed out by AVE either); its first allocation resets once. This is
-  the like-for-like baseline of the relay rows.
+  do it, in the client: ``subprocess.run(['true'])`` before the release, as often as
+  AVE resets (the place stays taken while it is reset, as a relay being reset is not
+  handed out by AVE either); in its first allocation the reset is after the timed
+  part, as AVE's is. This is the like-for-like baseline of the relay rows.
 
 The broker is a ``BrokerServer`` forked here (no daemon, no configuration files) on
 127.0.0.1; the coordinator is the ``labgrid-coordinator`` command on 127.0.0.1. Every
@@ -442,7 +443,7 @@ def reset_relay() -> None:
 
 def labgrid_cycle(client: LabgridClient, first: int, reset: bool) -> bool:
     """Acquire an idle place of the pool and release it (the AVE cycle's counterpart);
-    with ``reset``, reset the relay after acquiring it and before releasing it."""
+    with ``reset``, reset the relay before releasing it."""
     place = client.idle_place(first)
     if place is None:
         client.catch_up()
@@ -450,7 +451,6 @@ def labgrid_cycle(client: LabgridClient, first: int, reset: bool) -> bool:
     if not client.acquire(place):
         return False
     if reset:
-        reset_relay()
         reset_relay()
     client.release(place)
     return True
@@ -473,7 +473,7 @@ def labgrid_cycles(index: int, start: Callable[[], None], plan: Plan, address: s
 def labgrid_first_allocations(index: int, start: Callable[[], None], plan: Plan,
                               address: str, reset: bool) -> dict:
     """New client sessions one after another: time from nothing to an acquired place
-    (with ``reset``: to an acquired and reset relay)."""
+    (with ``reset``, the relay is reset after that, before it is released)."""
     place = place_names()[0]
     LabgridClient(address, 'bench-warmup').close()  # import and first connect untimed
     start()
@@ -484,9 +484,9 @@ def labgrid_first_allocations(index: int, start: Callable[[], None], plan: Plan,
         began = time.perf_counter()
         client = LabgridClient(address, 'bench-new')
         if client.acquire(place):
+            samples.append(time.perf_counter() - began)
             if reset:
                 reset_relay()
-            samples.append(time.perf_counter() - began)
             client.release(place)
         else:
             busy += 1
@@ -636,15 +636,16 @@ def table_rows(results: dict[str, list[list[dict]]]) -> list[list[str]]:
 NOTES = """\
 AVE cycle: get (waiting in the queue) + get_profile() on the resource + yield_resources;
 labgrid cycle: acquire + release of an idle place through its Python client API (no
-process start); labgrid+reset: the same with subprocess.run(['true']) after the acquire
-and before the release (first allocation: once), the like-for-like baseline of the relay
+process start); labgrid+reset: the same with subprocess.run(['true']) before the release
+(in a first allocation after the timed part), the like-for-like baseline of the relay
 rows. Rates: the median of the rounds; latencies: p50/p99 of every round's samples.
 "AVE vs ..." above 1.00x means AVE is faster (rates: AVE / baseline; latencies: baseline
 time / AVE time). Busy/100: Busy answers (labgrid: acquires lost to another client, or
 no idle place seen) per 100 completed cycles or new clients, AVE / labgrid /
 labgrid+reset; they are retried at once and are not cycles. First allocation: new Broker
 + get + first call returns (labgrid: new client session + acquire). A relay cycle runs
-ave.cmd.run twice in the session (reset when allocated and when released).
+ave.cmd.run once in the session (the reset on release; a relay released cleanly is not
+reset again when allocated).
 labgrid-coordinator runs as shipped, in the asyncio debug mode its main() switches on."""
 
 
