@@ -99,7 +99,6 @@ class SessionKeeper:
             raise
         finally:
             session_end.close()
-            listener.close()
         assert process.pid is not None
         link = Connection(('session', process.pid), broker_end)
         record = SessionRecord(process, port, authkey, link)
