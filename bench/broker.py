@@ -17,7 +17,13 @@ and by how long a brand-new job waits for its first piece of equipment (that fir
   eight clients competing for the same pool.
   The ``get`` waits its turn in the broker's queue, as a real job does; a get that
   still ends in Busy is retried and counted, not counted as a cycle.
-* first allocation = new ``Broker``, ``get``, first call on the resource returns.
+* first allocation = new ``Broker``, ``get``, first call on the resource returns: new
+  clients one after another, each ``Plan.arrival_gap`` (20 ms) after the last left, as jobs
+  arrive in a lab; and the same back to back (no gap), which measures how fast a
+  lab absorbs a stream of new jobs rather than how long one waits: there the work a
+  departed client leaves (its session ending, the relay's reset, AVE's next spare
+  session) overlaps the next client's measurement, while labgrid's client releases
+  synchronously, before its next measurement starts.
 * labgrid = acquire + release of a place through its Python client API (what
   ``labgrid-client acquire`` calls, without the process start), eight clients
   competing for eight places; its first allocation is a new client session + acquire.
@@ -87,6 +93,7 @@ class Plan:
     warmup_cycles: int = 20
     new_clients: int = 50
     new_client_seconds: float = 30.0
+    arrival_gap: float = 0.02
     cmd_calls: int = 200
     lifetime: float = 600.0
 
@@ -274,8 +281,9 @@ def ave_cycles(index: int, start: Callable[[], None], plan: Plan,
 
 
 def ave_first_allocations(index: int, start: Callable[[], None], plan: Plan,
-                          address: tuple[str, int], profile: dict) -> dict:
-    """New clients one after another: time from a new Broker to the first call's answer."""
+                          address: tuple[str, int], profile: dict, gap: float) -> dict:
+    """New clients one after another, ``gap`` seconds apart: time from a new Broker to
+    the first call's answer."""
     start()
     samples: list[float] = []
     busy = 0
@@ -291,6 +299,7 @@ def ave_first_allocations(index: int, start: Callable[[], None], plan: Plan,
             with resource:
                 resource.get_profile()
                 samples.append(time.perf_counter() - began)
+        time.sleep(gap)
     return {'samples': samples, 'busy': busy}
 
 
@@ -471,9 +480,10 @@ def labgrid_cycles(index: int, start: Callable[[], None], plan: Plan, address: s
 
 
 def labgrid_first_allocations(index: int, start: Callable[[], None], plan: Plan,
-                              address: str, reset: bool) -> dict:
-    """New client sessions one after another: time from nothing to an acquired place
-    (with ``reset``, the relay is reset after that, before it is released)."""
+                              address: str, reset: bool, gap: float) -> dict:
+    """New client sessions one after another, ``gap`` seconds apart: time from nothing
+    to an acquired place (with ``reset``, the relay is reset after that, before it is
+    released)."""
     place = place_names()[0]
     LabgridClient(address, 'bench-warmup').close()  # import and first connect untimed
     start()
@@ -491,6 +501,7 @@ def labgrid_first_allocations(index: int, start: Callable[[], None], plan: Plan,
         else:
             busy += 1
         client.close()
+        time.sleep(gap)
     return {'samples': samples, 'busy': busy}
 
 
@@ -517,12 +528,14 @@ def round_steps(children: Children, plan: Plan, ave: tuple[str, int],
         for name, profile in PROFILES.items():
             steps.append(Step(f'{name} x{count}', 'ave', partial(
                 run_clients, children, plan, count, ave_cycles, ave, profile)))
-    for baseline, reset in LABGRID.items():
-        steps.append(Step(f'{baseline} first', 'labgrid', partial(
-            run_clients, children, plan, 1, labgrid_first_allocations, labgrid, reset)))
-    for name, profile in PROFILES.items():
-        steps.append(Step(f'{name} first', 'ave', partial(
-            run_clients, children, plan, 1, ave_first_allocations, ave, profile)))
+    for arrival, gap in (('first', plan.arrival_gap), ('back to back', 0.0)):
+        for baseline, reset in LABGRID.items():
+            steps.append(Step(f'{baseline} {arrival}', 'labgrid', partial(
+                run_clients, children, plan, 1, labgrid_first_allocations, labgrid, reset,
+                gap)))
+        for name, profile in PROFILES.items():
+            steps.append(Step(f'{name} {arrival}', 'ave', partial(
+                run_clients, children, plan, 1, ave_first_allocations, ave, profile, gap)))
     steps.append(Step('cmd', 'ave', partial(measure_cmd, plan)))
     return steps
 
@@ -624,9 +637,11 @@ def table_rows(results: dict[str, list[list[dict]]]) -> list[list[str]]:
             rows.append(rate_row(f'{name} cycle, {label}{pool}',
                                  rate(results[f'{name} x{count}']),
                                  baselines(f' x{count}', rate, name == 'relay')))
-    for name in PROFILES:
-        rows += latency_rows(f'first allocation, {name}', latency(results[f'{name} first']),
-                             baselines(' first', latency, name == 'relay'))
+    for arrival, label in (('first', 'first allocation'),
+                           ('back to back', 'new clients back to back')):
+        for name in PROFILES:
+            rows += latency_rows(f'{label}, {name}', latency(results[f'{name} {arrival}']),
+                                 baselines(f' {arrival}', latency, name == 'relay'))
     command = latency(results['cmd'])
     rows.append(_padded(["ave.cmd.run(['true']), p50", 'ms', f'{command.p50 * 1000:.2f}'])
                 + [''])
@@ -643,7 +658,10 @@ rows. Rates: the median of the rounds; latencies: p50/p99 of every round's sampl
 time / AVE time). Busy/100: Busy answers (labgrid: acquires lost to another client, or
 no idle place seen) per 100 completed cycles or new clients, AVE / labgrid /
 labgrid+reset; they are retried at once and are not cycles. First allocation: new Broker
-+ get + first call returns (labgrid: new client session + acquire). A relay cycle runs
++ get + first call returns (labgrid: new client session + acquire), new clients 20 ms
+apart; back to back: the same without the gap (how fast new jobs are absorbed; AVE's
+cleanup after a client overlaps the next one, labgrid's release is synchronous and
+untimed). A relay cycle runs
 ave.cmd.run once in the session (the reset on release; a relay released cleanly is not
 reset again when allocated).
 labgrid-coordinator runs as shipped, in the asyncio debug mode its main() switches on."""
