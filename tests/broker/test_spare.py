@@ -142,6 +142,8 @@ def test_a_spare_that_dies_is_made_again(start_broker):
     lab = start_broker(equipment=[RELAY])
     spare = the_spare(lab)
     spare.kill()
-    replacement = the_spare(lab, timeout=SPARE_RETRY_DELAY + 5)
-    assert replacement.pid != spare.pid
+    assert gone(spare)
+    replacements = wait_until(lambda: [p for p in children_named(lab.pid, SPARE)
+                                       if p.pid != spare.pid], SPARE_RETRY_DELAY + 5)
+    assert len(replacements) == 1, 'no new spare after the last one died'
     assert lab.client().get(R1).get_profile()['uid'] == 'r1'
