@@ -31,6 +31,7 @@ from typing import Any, Mapping
 # Importing the module also makes every broker error arrive typed, without the job
 # importing it.
 from ave.broker.exceptions import Busy, NoSuch
+from ave.broker.queue import RESET_PATIENCE
 from ave.config import load_broker_config, resolve_home
 from ave.equipment import load_types
 from ave.exceptions import AveException
@@ -253,7 +254,9 @@ class Broker(RemoteControl):
 
         A tuple of profiles must be satisfied from one stack. ``get(a, (b, c))``
         returns three proxies. ``wait`` is how many seconds to wait while the
-        equipment is held by others (None: as long as it takes); ``priority`` puts
+        equipment is held by others (None: as long as it takes); equipment that is
+        only being reset is waited for even with 0, up to RESET_PATIENCE seconds (it
+        is about to be free, where Busy would cost the session); ``priority`` puts
         the request ahead of lower ones. On Busy or NoSuch everything this client
         held is released (its earlier proxies stop working) and the exception is
         raised.
@@ -313,10 +316,11 @@ class Broker(RemoteControl):
             self._watcher.start()
 
     def _wait_bound(self, wait: float | None) -> float | None:
-        """How long the reply to a get may take: the wait, plus the usual bound."""
+        """How long the reply to a get may take: the wait (one that does not wait may
+        still wait RESET_PATIENCE for items being reset), plus the usual bound."""
         if wait is None or self._reply_timeout is None:
             return None
-        return self._reply_timeout + wait
+        return self._reply_timeout + (wait or RESET_PATIENCE)
 
     def yield_resources(self, *resources: ResourceProxy | dict) -> None:
         """Give some equipment back before the job ends."""
