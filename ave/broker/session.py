@@ -141,8 +141,8 @@ class Session(Control):
                  isolated: bool = False, hidden: tuple[str, ...] = (),
                  crash_grace: float = 0.0, client: dict | None = None,
                  spare: bool = False) -> None:
-        super().__init__(0, authkey=authkey, socket=listener, home=home,
-                         proc_name=SPARE_PROC_NAME if spare else SESSION_PROC_NAME, logging=logging)
+        super().__init__(0, authkey=authkey, socket=listener, home=home, logging=logging,
+                         proc_name=SPARE_PROC_NAME if spare else SESSION_PROC_NAME)
         self.broker = Connection(('broker', 0), broker_socket)
         self.types = types
         self.hosted: dict[Key, Hosted] = {}
@@ -213,6 +213,7 @@ class Session(Control):
         self.client_identity = client.get('identity') or {}
         self.client_token = client.get('token')
         self.crash_grace = _grace_or(crash_grace, self.crash_grace)
+        self.spare = False
         self.proc_name = SESSION_PROC_NAME
         self.perform_prctl()
         self._hold_marker()
