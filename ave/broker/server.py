@@ -441,7 +441,6 @@ class BrokerServer(Control):
     def export_extra(self, index_of: Callable[[Connection], int | None]) -> dict:
         """State beyond clients, sessions and items that a successor needs."""
         return {'waiting': self.waiting.export(index_of),
-                'sessions': self.keeper.export(),
                 'allocations_total': self.allocations_total,
                 'status_page': self.status_page.export(index_of),
                 'lab': None if self.lab is None else self.lab.export(index_of)}
@@ -449,7 +448,6 @@ class BrokerServer(Control):
     def adopt_extra(self, extra: dict, connections: list[Connection]) -> None:
         """Take over what ``export_extra`` exported."""
         self.waiting.adopt(extra['waiting'], connections)
-        self.keeper.adopt(extra.get('sessions', {}))  # absent from an older predecessor
         self.allocations_total = extra['allocations_total']
         self.status_page.adopt(extra['status_page'], connections)
         if self.lab is not None and extra['lab'] is not None:

@@ -238,19 +238,6 @@ class SessionKeeper:
         self.reclaiming[pid] = keys
         self.server.join_later(reclaimer)
 
-    def export(self) -> dict:
-        """What a successor must know besides the sessions: the reclaimers running now
-        and the items each is tearing down (they stay unavailable until it ends)."""
-        return {'reclaiming': {str(pid): [list(key) for key in keys]
-                               for pid, keys in self.reclaiming.items()}}
-
-    def adopt(self, exported: dict) -> None:
-        """Watch a predecessor's reclaimers. Their exit status is the predecessor's to
-        know, so their items come back tainted: the next holder resets them."""
-        for pid, keys in exported.get('reclaiming', {}).items():
-            self.reclaiming[int(pid)] = [(key[0], key[1]) for key in keys]
-            self.server.join_later(Process.adopt(int(pid), 'ave-broker-reclaim'))
-
     def _reclaimed(self, pid: int, exit: int | None) -> None:
         keys = self.reclaiming.pop(pid)
         for key in keys:

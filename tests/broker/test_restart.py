@@ -248,20 +248,3 @@ def test_takeover_tells_a_supervising_systemd_its_new_main_pid(start_broker, tmp
         lab.pid = reported_pid(result.stdout)
         message = supervisor.recv(4096).decode()
     assert message == f'MAINPID={lab.pid}\nREADY=1'
-
-
-def test_a_reclaimer_running_at_a_restart_frees_its_item_in_the_successor(start_broker):
-    slow = {'type': 'relay', 'uid': 'r1', 'circuits': {
-        'c1': {'open': ['sleep', '1.5'], 'close': ['true'], 'default': 'open'}}}
-    lab = start_broker(equipment=[slow])
-    lab.client().get({'type': 'relay', 'uid': 'r1'}).get_profile()
-    session = next(p for p in psutil.Process(lab.pid).children()
-                   if p.name().startswith('ave-broker-sess'))
-    session.kill()  # its relay is now the reclaimer's, for the 1.5 s of its reset
-    admin = lab.client(lab.admin_key)
-    assert wait_until(lambda: [r['state'] for r in admin.equipment()] == ['releasing'])
-    lab.pid = restart(lab)
-    admin = lab.client(lab.admin_key)
-    assert wait_until(lambda: [p['uid'] for p in admin.list_available()] == ['r1'],
-                      timeout=10), 'the item of a reclaimer running at the restart stayed ' \
-        f'{[r["state"] for r in admin.equipment()]}'
