@@ -17,6 +17,7 @@ import socket as socketlib
 from typing import TYPE_CHECKING
 
 from ave.broker.allocator import Key
+from ave.broker.cgroups import SessionGroups
 from ave.broker.reclaim import Reclaimer
 from ave.broker.session import Session
 from ave.broker.state import Client, SessionRecord
@@ -37,6 +38,7 @@ class SessionKeeper:
     def __init__(self, server: BrokerServer) -> None:
         self.server = server
         self.reclaiming: dict[int, list[Key]] = {}  # reclaimer pid -> keys it tears down
+        self.groups = SessionGroups(None)  # the server finds its cgroup as it starts
 
     def start(self, client: Client) -> SessionRecord:
         """Fork the client's session without waiting for it to initialize."""
@@ -68,6 +70,7 @@ class SessionKeeper:
         finally:
             session_end.close()
         assert process.pid is not None
+        self.groups.place(process.pid)
         link = Connection(('session', process.pid), broker_end)
         record = SessionRecord(process, port, authkey, link)
         server.add_connection(link)
@@ -102,6 +105,7 @@ class SessionKeeper:
         record = self.server.state.remove_session(pid)
         if record is None:
             return False
+        self.groups.ended(pid, self.server.call_later)
         if exit not in (0, None):
             log.warning('session %d ended with status %s', pid, exit)
         if record.link is not None and not record.link.closed:
