@@ -61,16 +61,21 @@ def delegated(path: str | None) -> str | None:
     """Why ``path`` is not a cgroup this process may manage; None if it is."""
     if path is None:
         return 'this host has no cgroup v2 hierarchy'
+    if not _marked_delegated(path) and not (
+            os.geteuid() != 0 and all(os.access(os.path.join(path, name), os.W_OK)
+                                      for name in ('', *DELEGATED_FILES))):
+        return f'{path} is not delegated to the broker (systemd: Delegate=yes)'
     if not os.path.exists(os.path.join(path, 'cgroup.kill')):
         return 'the kernel has no cgroup.kill (Linux 5.14 or later)'
+    return None
+
+
+def _marked_delegated(path: str) -> bool:
     for name in ('trusted.delegate', 'user.delegate'):
         with contextlib.suppress(OSError):
             if os.getxattr(path, name) == b'1':
-                return None
-    if os.geteuid() != 0 and all(os.access(os.path.join(path, name), os.W_OK)
-                                 for name in ('', *DELEGATED_FILES)):
-        return None
-    return f'{path} is not delegated to the broker (systemd: Delegate=yes)'
+                return True
+    return False
 
 
 def hand_to(uid: int, gid: int) -> None:
