@@ -445,13 +445,15 @@ class BrokerServer(Control):
         return {'waiting': self.waiting.export(index_of),
                 'allocations_total': self.allocations_total,
                 'status_page': self.status_page.export(index_of),
-                'lab': None if self.lab is None else self.lab.export(index_of)}
+                'lab': None if self.lab is None else self.lab.export(index_of),
+                'reclaiming': self.keeper.export_reclaiming()}
 
     def adopt_extra(self, extra: dict, connections: list[Connection]) -> None:
         """Take over what ``export_extra`` exported."""
         self.waiting.adopt(extra['waiting'], connections)
         self.allocations_total = extra['allocations_total']
         self.status_page.adopt(extra['status_page'], connections)
+        self.keeper.adopt_reclaiming(extra.get('reclaiming', []))
         if self.lab is not None and extra['lab'] is not None:
             self.lab.adopt(extra['lab'], connections)
             self._lab_lease = extra['lab']['lease']

@@ -47,6 +47,11 @@ Key = tuple[str, str]
 #: its commands were killed) before tearing the resource down regardless.
 CALL_DRAIN_TIMEOUT = 2.0
 
+#: How long ending the session waits for the teardowns of resources it gave back
+#: earlier (a relay reset under way). One that takes longer is killed and left to the
+#: broker, which reclaims what a session ended without reporting released.
+RELEASE_DRAIN_TIMEOUT = 20.0
+
 
 class Hosted:
     """One resource in a session: built at once, set up in a thread, used one call
@@ -62,6 +67,8 @@ class Hosted:
         self.failure = failure
         self.ready = threading.Event()
         self.lock = threading.Lock()
+        self.released = threading.Event()  # set once release() has torn it down
+        self.clean = False  # what release() found
         if resource is None:
             self.ready.set()
 
@@ -106,6 +113,15 @@ class Hosted:
                 self.lock.release()
         return self.resource is not None and self.failure is None
 
+    def release(self) -> bool:
+        """Tear down for a release, in a worker thread. ``released`` tells a session
+        that ends meanwhile when the outcome (``clean``) is known."""
+        try:
+            self.clean = self.tear_down()
+        finally:
+            self.released.set()
+        return self.clean
+
 
 class _Then:
     """Outcome of background work that no client waits for: run a follow-up."""
@@ -137,7 +153,7 @@ class Session(Control):
         self.broker = Connection(('broker', 0), broker_socket)
         self.types = types
         self.hosted: dict[Key, Hosted] = {}
-        self.releasing: dict[Key, dict] = {}  # torn down now, not yet reported released
+        self.releasing: dict[Key, Hosted] = {}  # torn down now, not yet reported released
         self.isolated = isolated
         self.hidden = hidden
         self.crash_grace = crash_grace
@@ -195,22 +211,25 @@ class Session(Control):
         if hosted is None:
             self._report_released(profile, False)
             return
-        self.releasing[key] = hosted.profile
+        self.releasing[key] = hosted
         self.stop_commands(hosted)
-        self.run_in_thread(hosted.tear_down, _Then(
+        self.run_in_thread(hosted.release, _Then(
             lambda clean: self._torn_down(key, profile, clean is True),
             lambda error: self._torn_down(key, profile, False)))
 
     def _torn_down(self, key: Key, profile: dict, clean: bool) -> None:
-        self.releasing.pop(key, None)
-        self._report_released(profile, clean)
+        if self.releasing.pop(key, None) is not None:  # else shutdown() reported it
+            self._report_released(profile, clean)
 
     def stop_commands(self, hosted: Hosted | None = None) -> None:
-        """Kill the commands running for one resource (None: for all of them), so a
-        call blocked in them returns and the resource can be torn down. This waits
-        (briefly) until they are gone: nothing of them outlives the teardown."""
+        """Kill the commands running for one resource (None: for all of them but the
+        teardowns of resources being released), so a call blocked in them returns
+        and the resource can be torn down. This waits (briefly) until they are gone:
+        nothing of them outlives the teardown."""
         if hosted is None:
-            sandbox.current().kill()
+            sandbox.current().kill(spare=[releasing.resource for releasing
+                                          in self.releasing.values()
+                                          if releasing.resource is not None])
         elif hosted.resource is not None:
             sandbox.current().kill(hosted.resource)
 
@@ -328,7 +347,7 @@ class Session(Control):
             os.getpid(), self.port or 0, self.authkey or '', self.client_identity,
             self.client_token,
             tuple(rendezvous.Hosting(h.profile, h.since) for h in self.hosted.values()),
-            tuple(self.releasing.values()))
+            tuple(hosted.profile for hosted in self.releasing.values()))
 
     def _grace_over(self, orphaned_at: float) -> None:
         if self.orphaned_at == orphaned_at and self.keep_going:
@@ -340,9 +359,16 @@ class Session(Control):
 
     def shutdown(self, details: dict | str | None = None) -> None:
         """Stop every command, tear every resource down and report it, then tell the
-        clients that the session ended."""
+        clients that the session ended.
+
+        Resources given back earlier are still being torn down in worker threads, and
+        the process ends with this call: their teardowns are waited for and reported
+        here, so a relay released just before its client left is reset once, by its
+        session, and not cut off halfway.
+        """
         if not self.keep_going:
             return
+        releases_due = time.monotonic() + RELEASE_DRAIN_TIMEOUT
         if self._marker >= 0:  # an ending session presents itself to nobody
             os.close(self._marker)
             self._marker = -1
@@ -350,7 +376,17 @@ class Session(Control):
         for hosted in list(self.hosted.values()):
             self._report_released(hosted.profile, hosted.tear_down(CALL_DRAIN_TIMEOUT))
         self.hosted.clear()
+        self._finish_releases(releases_due)
         super().shutdown(details or 'the session has ended')
+
+    def _finish_releases(self, due: float) -> None:
+        """Report the teardowns under way that end by ``due``; kill what is left of
+        the others, which the broker reclaims once this session has ended."""
+        for hosted in list(self.releasing.values()):
+            if hosted.released.wait(max(0.0, due - time.monotonic())):
+                self._report_released(hosted.profile, hosted.clean)
+        self.releasing.clear()
+        sandbox.current().kill()
 
 
 class _ResourceCall:

@@ -150,6 +150,19 @@ class SessionKeeper:
         for key in keys:
             self.server.released_item(key, clean=exit == 0)
 
+    def export_reclaiming(self) -> list[list]:
+        """The reclaimers at work and their items, for a restart's successor."""
+        return [[pid, [list(key) for key in keys]]
+                for pid, keys in self.reclaiming.items()]
+
+    def adopt_reclaiming(self, exported: list[list]) -> None:
+        """Watch the reclaimers a predecessor left at work, whose items stay releasing
+        until they end. Their exit status goes to their parent, not here, so their
+        items come back as not reset: the next holder's set-up resets them."""
+        for pid, keys in exported:
+            self.reclaiming[pid] = [(key[0], key[1]) for key in keys]
+            self.server.join_later(Process.adopt(pid, 'ave-broker-reclaim'))
+
 
 def adopt_process(pid: int) -> Process:
     """A handle on a session this broker did not fork (a predecessor did)."""

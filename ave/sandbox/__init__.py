@@ -43,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -279,17 +279,21 @@ class Sandbox:
                 del self._calls[call.marker]
                 self._ended.notify_all()
 
-    def kill(self, owner: object = None) -> None:
+    def kill(self, owner: object = None, *, spare: Collection[object] = ()) -> None:
         """Kill every command running now (only ``owner``'s when given) and wait for them.
 
         Each such ``run()`` raises ``Killed`` promptly; a command that was about to
         start does not start. Returns once those calls have returned, or after
         ``KILL_WAIT`` seconds with a warning. Commands started after this call are not
-        affected, so teardown that follows (a relay's reset) runs normally.
+        affected, so teardown that follows (a relay's reset) runs normally. Commands
+        of the owners in ``spare`` are left running: a session that ends spares the
+        resets of what it already gave back, which are teardown, not job commands.
         """
+        spared = {id(other) for other in spare}
         with self._lock:
             doomed = [call for call in self._calls.values()
-                      if owner is None or call.owner is owner]
+                      if (owner is None or call.owner is owner)
+                      and id(call.owner) not in spared]
             for call in doomed:
                 call.cancelled = True
         deadline = time.monotonic() + KILL_WAIT
