@@ -161,6 +161,7 @@ class Session(Control):
         self.client_identity: dict = client.get('identity') or {}
         self.client_token: str | None = client.get('token')
         self.orphaned_at: float | None = None  # monotonic time the broker was lost
+        self.ending = False  # tearing down for good: a broker that leaves now is expected
         self._marker = -1
 
     def close_fds(self, exclude: list[int]) -> None:
@@ -237,12 +238,13 @@ class Session(Control):
         """Tell the broker an item is free, and whether its teardown succeeded.
 
         Without a broker the report is dropped: the next broker, not told about the
-        item, takes it for free and has it reset before its next holder uses it.
+        item, takes it for free and has it reset before its next holder uses it. (A
+        broker that stops in order does not wait for the reports of ending sessions.)
         """
         try:
             self.notify(self.broker, 'released', profile, clean)
         except ConnectionClosed:
-            log.warning('broker gone: could not report %s released', profile)
+            log.info('broker gone: could not report %s released', profile)
 
     @Control.rpc
     def end(self) -> None:
@@ -313,7 +315,7 @@ class Session(Control):
     def lost_connection(self, connection: Connection, authkey: str | None) -> None:
         """The broker went without saying ``end()``: it crashed. Serve on and look
         for the next one (with a grace of 0, end as sessions always did)."""
-        if connection is not self.broker or not self.keep_going:
+        if connection is not self.broker or not self.keep_going or self.ending:
             return
         if self.crash_grace <= 0:
             log.warning('broker connection lost; ending the session')
@@ -368,6 +370,7 @@ class Session(Control):
         """
         if not self.keep_going:
             return
+        self.ending = True
         releases_due = time.monotonic() + RELEASE_DRAIN_TIMEOUT
         if self._marker >= 0:  # an ending session presents itself to nobody
             os.close(self._marker)

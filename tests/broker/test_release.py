@@ -8,6 +8,7 @@ broker's child that resets what a dead session held) is still at work.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import psutil
@@ -83,3 +84,20 @@ def test_reclaim_running_during_restart_still_frees_the_relay(gated_lab):
     assert wait_until(available(gated_lab), timeout=15), \
         'the new broker must learn that the old one\'s reclaimer finished'
     assert resets(gated_lab) == ['begin', 'end', 'begin', 'end']
+
+
+def test_an_orderly_stop_is_not_mistaken_for_a_crash(gated_lab):
+    """Sessions still tearing down when their broker has stopped in order expect it
+    to be gone: no warning of a crash, no waiting for a broker to adopt them."""
+    client = Broker(gated_lab.address)
+    client.get(R1).get_profile()
+    gated_lab.gate.touch()  # the stop's teardown outlasts the broker
+    result = gated_lab.cli('--stop')
+    assert result.returncode == 0, result.stderr
+    gated_lab.gate.unlink()
+    assert wait_until(lambda: resets(gated_lab).count('end') == 2, timeout=15)
+    assert wait_until(lambda: not gated_lab.processes(), timeout=15), \
+        'a session waited for a new broker after an orderly stop'
+    log = ''.join(open(os.path.join(gated_lab.log_dir, name)).read()
+                  for name in os.listdir(gated_lab.log_dir))
+    assert 'without notice' not in log and 'WARNING' not in log, log
