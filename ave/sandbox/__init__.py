@@ -267,7 +267,7 @@ class Sandbox:
         never for job-chosen ones. ``max_output`` keeps only the end of the output,
         as ``ave.cmd.run`` does.
         """
-        argv = _argv(cmd)
+        argv = ave.cmd.argv_of(cmd)
         call = self._register(owner)
         limits = _Output(output_file, max_output)
         try:
@@ -550,24 +550,6 @@ def _command_line_of(pid: int) -> list[str]:
 
 def _has_exited(pidfd: int) -> bool:
     return bool(select.select([pidfd], [], [], 0)[0])
-
-
-def _argv(cmd: object) -> list[str]:
-    """``cmd`` as a list of arguments; the same checks (and errors) as ``ave.cmd.run``."""
-    if isinstance(cmd, str):
-        argv = cmd.split()
-    elif isinstance(cmd, (list, tuple)):
-        argv = list(cmd)
-    else:
-        raise TypeError(f'cmd must be a str or a list of str, not {type(cmd).__name__}')
-    if not argv:
-        raise ValueError('cmd is empty')
-    for arg in argv:
-        if not isinstance(arg, str):
-            raise TypeError(f'cmd arguments must be str, not {type(arg).__name__}: {arg!r}')
-    if not argv[0]:
-        raise ValueError('cmd names no program (first argument is empty)')
-    return argv
 
 
 def _absolute(path: object, name: str) -> str:
