@@ -39,8 +39,10 @@ DEFAULT_PORT = 4000
 _POLICIES = ('share', 'forward')
 BROKER_KEYS = ('host', 'port', 'stacks', 'remote', 'equipment', 'limits', 'isolation',
                'queue', 'http', 'lab', 'crash_grace')
-_LAB_KEYS = ('name', 'etcd', 'ttl', 'advertise')
+_LAB_KEYS = ('name', 'etcd', 'ttl', 'advertise', 'compact_s')
 DEFAULT_LAB_TTL = 10
+#: How much of etcd's history the lab's leader keeps (seconds); 0: it never compacts.
+DEFAULT_LAB_COMPACT_S = 300
 _HTTP_KEYS = ('host', 'port')
 ISOLATION_MODES = ('auto', 'required', 'off')
 
@@ -269,7 +271,8 @@ def load_broker_config(home: str,
     'remote': None or {'host', 'port', 'policy', 'authkey'}, 'equipment': [dict, ...],
     'limits': {name: number} (every name in LIMITS), 'isolation': str,
     'queue': {name: number} (every name in QUEUE), 'http': None or {'host', 'port'},
-    'lab': None or {'name', 'etcd', 'ttl', 'advertise'}, 'crash_grace': seconds}``.
+    'lab': None or {'name', 'etcd', 'ttl', 'advertise', 'compact_s'},
+    'crash_grace': seconds}``.
 
     Here an equipment entry or stack member is only checked to be an object with a
     string ``type``; what else it needs depends on its type, which only the equipment
@@ -322,7 +325,8 @@ def _remote(check: Checker, value: Any) -> dict[str, Any]:
 
 def _lab(check: Checker, value: Any) -> dict[str, Any]:
     """The lab this broker belongs to: its name, its etcd cluster's client URLs, the
-    lease's time to live (seconds) and the name other hosts reach this one by."""
+    lease's time to live (seconds), the name other hosts reach this one by, and how
+    often its leader compacts etcd's history."""
     data = check.json_object('lab', value, _LAB_KEYS)
     name = check.string('lab.name', check.required(data, 'name', 'lab'))
     if '/' in name:
@@ -339,7 +343,9 @@ def _lab(check: Checker, value: Any) -> dict[str, Any]:
             'ttl': check.number('lab.ttl', data.get('ttl', DEFAULT_LAB_TTL), 2, 3600,
                                 integer=True),
             'advertise': None if advertise is None
-            else check.string('lab.advertise', advertise)}
+            else check.string('lab.advertise', advertise),
+            'compact_s': check.number('lab.compact_s',
+                                      data.get('compact_s', DEFAULT_LAB_COMPACT_S), 0, 86400)}
 
 
 def _http(check: Checker, value: Any) -> dict[str, Any]:

@@ -325,6 +325,22 @@ def test_kill_with_an_owner_spares_the_commands_of_others(any_box):
 
 
 @pytest.mark.parametrize('any_box', MODE_IDS, indirect=True)
+def test_kill_of_everything_leaves_the_spared_owners_commands_running(any_box):
+    job, releasing = object(), object()
+    mine, spared = unique_seconds(), unique_seconds()
+    doomed = in_thread(lambda: any_box.run(['sleep', mine], owner=job))
+    reset = in_thread(lambda: any_box.run(['sleep', spared], owner=releasing))
+    assert wait_until(lambda: processes_with(mine) and processes_with(spared), 5)
+    any_box.kill(spare=[releasing])
+    doomed['thread'].join(5)
+    assert isinstance(doomed.get('error'), Killed), doomed
+    assert processes_with(spared) and reset['thread'].is_alive(), 'a spared owner was hit'
+    any_box.kill()
+    reset['thread'].join(5)
+    assert isinstance(reset.get('error'), Killed), reset
+
+
+@pytest.mark.parametrize('any_box', MODE_IDS, indirect=True)
 def test_commands_run_normally_after_a_kill(any_box):
     any_box.kill()
     assert any_box.run(['echo', 'after']) == (0, 'after\r\n')

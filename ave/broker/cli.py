@@ -28,8 +28,10 @@ files and everything it starts belong to that account and never to root.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import pwd
 import shlex
 import signal
 import sys
@@ -40,7 +42,7 @@ from typing import Any
 import psutil
 
 from ave import __version__, config, persona
-from ave.broker import daemon, logfile
+from ave.broker import cgroups, daemon, logfile
 from ave.cli.table import holder_text, printable, since_text
 from ave.exceptions import AveException
 from ave.network.control import RemoteControl
@@ -113,11 +115,20 @@ def _home(home: str | None) -> str:
     """
     if home is None and os.geteuid() == 0 and os.path.exists(config.ETC_PATH):
         etc = config.load_etc()
+        _hand_cgroup_to(etc['name'])
         persona.become_user(etc['name'])
         return etc['home']
     if home is not None:
         return config.existing_home(home)
     return config.resolve_home()
+
+
+def _hand_cgroup_to(name: str) -> None:
+    """systemd delegates a cgroup to the unit (Delegate=yes), which starts as root: the
+    account the broker becomes must own it to give each session a group."""
+    with contextlib.suppress(KeyError):  # become_user says the account is missing
+        account = pwd.getpwnam(name)
+        cgroups.hand_to(account.pw_uid, account.pw_gid)
 
 
 def _start(home: str, args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from ave import __version__, sandbox
 from ave.broker import listing, requests, takeover
 from ave.broker.adoption import Adopter
 from ave.broker.allocator import Allocator, Key
+from ave.broker.cgroups import SessionGroups
 from ave.broker.exceptions import Busy
 from ave.broker.labmode import LabMode
 from ave.broker.queue import parse_priority, parse_wait
@@ -375,6 +376,7 @@ class BrokerServer(Control):
     def initialize(self) -> None:
         super().initialize()
         signal.signal(signal.SIGHUP, self.handle_SIGHUP)
+        self.keeper.groups = SessionGroups.find()
         if self.takeover_from is not None:
             takeover.take_over(self, self.takeover_from, self._prepare)
         else:
@@ -382,6 +384,7 @@ class BrokerServer(Control):
             self.adopter.open()
             self._gather_orphans()
             self.keeper.sweep(self._sweeps())
+            self.keeper.groups.sweep(self.call_later)
         self.adopter.arm_placeholders()
         self._start_lister()
         self.status_page.start()
@@ -443,13 +446,15 @@ class BrokerServer(Control):
         return {'waiting': self.waiting.export(index_of),
                 'allocations_total': self.allocations_total,
                 'status_page': self.status_page.export(index_of),
-                'lab': None if self.lab is None else self.lab.export(index_of)}
+                'lab': None if self.lab is None else self.lab.export(index_of),
+                'reclaiming': self.keeper.export_reclaiming()}
 
     def adopt_extra(self, extra: dict, connections: list[Connection]) -> None:
         """Take over what ``export_extra`` exported."""
         self.waiting.adopt(extra['waiting'], connections)
         self.allocations_total = extra['allocations_total']
         self.status_page.adopt(extra['status_page'], connections)
+        self.keeper.adopt_reclaiming(extra.get('reclaiming', []))
         if self.lab is not None and extra['lab'] is not None:
             self.lab.adopt(extra['lab'], connections)
             self._lab_lease = extra['lab']['lease']

@@ -50,6 +50,12 @@ Key = tuple[str, str]
 #: How long ending the session waits for a call still running on a resource (after
 #: its commands were killed) before tearing the resource down regardless.
 CALL_DRAIN_TIMEOUT = 2.0
+
+#: How long ending the session waits for the teardowns of resources it gave back
+#: earlier (a relay reset under way). One that takes longer is killed and left to the
+#: broker, which reclaims what a session ended without reporting released.
+RELEASE_DRAIN_TIMEOUT = 20.0
+
 #: Process names: a session's, and a spare's until it is assigned (the kernel keeps
 #: 15 characters, so the two still differ there).
 SESSION_PROC_NAME = 'ave-broker-session'
@@ -70,6 +76,8 @@ class Hosted:
         self.failure = failure
         self.ready = threading.Event()
         self.lock = threading.Lock()
+        self.released = threading.Event()  # set once release() has torn it down
+        self.clean = False  # what release() found
         if resource is None:
             self.ready.set()
 
@@ -114,6 +122,15 @@ class Hosted:
                 self.lock.release()
         return self.resource is not None and self.failure is None
 
+    def release(self) -> bool:
+        """Tear down for a release, in a worker thread. ``released`` tells a session
+        that ends meanwhile when the outcome (``clean``) is known."""
+        try:
+            self.clean = self.tear_down()
+        finally:
+            self.released.set()
+        return self.clean
+
 
 class _Then:
     """Outcome of background work that no client waits for: run a follow-up."""
@@ -146,7 +163,7 @@ class Session(Control):
         self.broker = Connection(('broker', 0), broker_socket)
         self.types = types
         self.hosted: dict[Key, Hosted] = {}
-        self.releasing: dict[Key, dict] = {}  # torn down now, not yet reported released
+        self.releasing: dict[Key, Hosted] = {}  # torn down now, not yet reported released
         self.isolated = isolated
         self.hidden = hidden
         self.crash_grace = crash_grace
@@ -155,6 +172,7 @@ class Session(Control):
         self.client_token: str | None = client.get('token')
         self.orphaned_at: float | None = None  # monotonic time the broker was lost
         self.spare = spare
+        self.ending = False  # tearing down for good: a broker that leaves now is expected
         self._marker = -1
 
     def close_fds(self, exclude: list[int]) -> None:
@@ -227,22 +245,25 @@ class Session(Control):
         if hosted is None:
             self._report_released(profile, False)
             return
-        self.releasing[key] = hosted.profile
+        self.releasing[key] = hosted
         self.stop_commands(hosted)
-        self.run_in_thread(hosted.tear_down, _Then(
+        self.run_in_thread(hosted.release, _Then(
             lambda clean: self._torn_down(key, profile, clean is True),
             lambda error: self._torn_down(key, profile, False)))
 
     def _torn_down(self, key: Key, profile: dict, clean: bool) -> None:
-        self.releasing.pop(key, None)
-        self._report_released(profile, clean)
+        if self.releasing.pop(key, None) is not None:  # else shutdown() reported it
+            self._report_released(profile, clean)
 
     def stop_commands(self, hosted: Hosted | None = None) -> None:
-        """Kill the commands running for one resource (None: for all of them), so a
-        call blocked in them returns and the resource can be torn down. This waits
-        (briefly) until they are gone: nothing of them outlives the teardown."""
+        """Kill the commands running for one resource (None: for all of them but the
+        teardowns of resources being released), so a call blocked in them returns
+        and the resource can be torn down. This waits (briefly) until they are gone:
+        nothing of them outlives the teardown."""
         if hosted is None:
-            sandbox.current().kill()
+            sandbox.current().kill(spare=[releasing.resource for releasing
+                                          in self.releasing.values()
+                                          if releasing.resource is not None])
         elif hosted.resource is not None:
             sandbox.current().kill(hosted.resource)
 
@@ -250,12 +271,13 @@ class Session(Control):
         """Tell the broker an item is free, and whether its teardown succeeded.
 
         Without a broker the report is dropped: the next broker, not told about the
-        item, takes it for free and has it reset before its next holder uses it.
+        item, takes it for free and has it reset before its next holder uses it. (A
+        broker that stops in order does not wait for the reports of ending sessions.)
         """
         try:
             self.notify(self.broker, 'released', profile, clean)
         except ConnectionClosed:
-            log.warning('broker gone: could not report %s released', profile)
+            log.info('broker gone: could not report %s released', profile)
 
     @Control.rpc
     def end(self) -> None:
@@ -324,7 +346,7 @@ class Session(Control):
     def lost_connection(self, connection: Connection, authkey: str | None) -> None:
         """The broker went without saying ``end()``: it crashed. Serve on and look
         for the next one (with a grace of 0, end as sessions always did)."""
-        if connection is not self.broker or not self.keep_going:
+        if connection is not self.broker or not self.keep_going or self.ending:
             return
         if self.crash_grace <= 0:
             log.warning('broker connection lost; ending the session')
@@ -358,7 +380,7 @@ class Session(Control):
             os.getpid(), self.port or 0, self.authkey or '', self.client_identity,
             self.client_token,
             tuple(rendezvous.Hosting(h.profile, h.since) for h in self.hosted.values()),
-            tuple(self.releasing.values()))
+            tuple(hosted.profile for hosted in self.releasing.values()))
 
     def _grace_over(self, orphaned_at: float) -> None:
         if self.orphaned_at == orphaned_at and self.keep_going:
@@ -370,9 +392,17 @@ class Session(Control):
 
     def shutdown(self, details: dict | str | None = None) -> None:
         """Stop every command, tear every resource down and report it, then tell the
-        clients that the session ended."""
+        clients that the session ended.
+
+        Resources given back earlier are still being torn down in worker threads, and
+        the process ends with this call: their teardowns are waited for and reported
+        here, so a relay released just before its client left is reset once, by its
+        session, and not cut off halfway.
+        """
         if not self.keep_going:
             return
+        self.ending = True
+        releases_due = time.monotonic() + RELEASE_DRAIN_TIMEOUT
         if self._marker >= 0:  # an ending session presents itself to nobody
             os.close(self._marker)
             self._marker = -1
@@ -380,7 +410,17 @@ class Session(Control):
         for hosted in list(self.hosted.values()):
             self._report_released(hosted.profile, hosted.tear_down(CALL_DRAIN_TIMEOUT))
         self.hosted.clear()
+        self._finish_releases(releases_due)
         super().shutdown(details or 'the session has ended')
+
+    def _finish_releases(self, due: float) -> None:
+        """Report the teardowns under way that end by ``due``; kill what is left of
+        the others, which the broker reclaims once this session has ended."""
+        for hosted in list(self.releasing.values()):
+            if hosted.released.wait(max(0.0, due - time.monotonic())):
+                self._report_released(hosted.profile, hosted.clean)
+        self.releasing.clear()
+        sandbox.current().kill()
 
 
 def _grace_or(value: Any, current: float) -> float:

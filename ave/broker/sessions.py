@@ -13,9 +13,10 @@ for both. So the keeper keeps one *spare* session forked ahead of need, made aga
 after each use, at start-up, after a restart and after an adoption. A spare serves
 nobody until it is taken: it is not in ``BrokerState`` (no limit, listing, status,
 handover or sweep sees it), it is called ``ave-broker-spare`` (so nothing that looks
-for sessions by name finds it), it holds no rendezvous marker and has no crash
-grace, so it ends with its broker's link; an orderly stop or a handover ends it.
-Taking it sends it the client it serves (``Session.assigned``) before any resource.
+for sessions by name finds it), it holds no rendezvous marker and no cgroup, and has
+no crash grace, so it ends with its broker's link; an orderly stop or a handover
+ends it. Taking it sends it the client it serves (``Session.assigned``) before any
+resource, and moves it into its cgroup.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import socket as socketlib
 from typing import TYPE_CHECKING
 
 from ave.broker.allocator import Key
+from ave.broker.cgroups import SessionGroups
 from ave.broker.reclaim import Reclaimer
 from ave.broker.session import Session
 from ave.broker.state import Client, SessionRecord
@@ -57,6 +59,7 @@ class SessionKeeper:
     def __init__(self, server: BrokerServer) -> None:
         self.server = server
         self.reclaiming: dict[int, list[Key]] = {}  # reclaimer pid -> keys it tears down
+        self.groups = SessionGroups(None)  # the server finds its cgroup as it starts
         self.spare: SessionRecord | None = None
         self._spare_due = False  # a timer will make the spare
 
@@ -83,6 +86,8 @@ class SessionKeeper:
         record = self._take_spare(described, crash_grace)
         if record is None:
             record = self._fork(described, crash_grace)
+        # A spare gets its group only now: one that is never used leaves none behind.
+        self.groups.place(record.pid)
         server.state.add_session(record)
         return record
 
@@ -199,6 +204,7 @@ class SessionKeeper:
         record = self.server.state.remove_session(pid)
         if record is None:
             return False
+        self.groups.ended(pid, self.server.call_later)
         if exit not in (0, None):
             log.warning('session %d ended with status %s', pid, exit)
         if record.link is not None and not record.link.closed:
@@ -242,6 +248,19 @@ class SessionKeeper:
         keys = self.reclaiming.pop(pid)
         for key in keys:
             self.server.released_item(key, clean=exit == 0)
+
+    def export_reclaiming(self) -> list[list]:
+        """The reclaimers at work and their items, for a restart's successor."""
+        return [[pid, [list(key) for key in keys]]
+                for pid, keys in self.reclaiming.items()]
+
+    def adopt_reclaiming(self, exported: list[list]) -> None:
+        """Watch the reclaimers a predecessor left at work, whose items stay releasing
+        until they end. Their exit status goes to their parent, not here, so their
+        items come back as not reset: the next holder's set-up resets them."""
+        for pid, keys in exported:
+            self.reclaiming[pid] = [(key[0], key[1]) for key in keys]
+            self.server.join_later(Process.adopt(pid, 'ave-broker-reclaim'))
 
 
 def adopt_process(pid: int) -> Process:

@@ -45,7 +45,7 @@ class StatusPage:
         self.queue_waits = feed.Histogram(feed.QUEUE_WAIT_BOUNDS)
         self.restarts_total = 0
         self._pacer = feed.FeedPacer()
-        self._armed = False
+        self._due: float | None = None  # when the next snapshot goes out, if armed
 
     # -- counting ----------------------------------------------------------------------
 
@@ -126,21 +126,28 @@ class StatusPage:
     # -- feeding -----------------------------------------------------------------------
 
     def _arm(self) -> None:
-        if self._armed or self.link is None:
-            return
-        self._armed = True
-        self.server.call_later(self._pacer.delay(time.monotonic()), self._send)
-
-    def _send(self) -> None:
-        self._armed = False
-        if self.link is None or self.link.closed:
+        """Make sure a send is due when the pacer says: a change made while waiting
+        for the next periodic snapshot brings it forward."""
+        if self.link is None:
             return
         now = time.monotonic()
-        if self._pacer.delay(now) > 0 or self.link.has_output:
-            self._armed = True  # not due yet, or the last one is still on its way
-            self.server.call_later(max(self._pacer.delay(now), feed.MIN_INTERVAL),
-                                   self._send)
+        due = now + self._pacer.delay(now)
+        if self._due is not None and self._due <= due:
             return
+        self._due = due
+        self.server.call_later(due - now, self._send)
+
+    def _send(self) -> None:
+        now = time.monotonic()
+        if self._due is None or now < self._due:
+            return  # a timer of a send that was brought forward since
+        self._due = None
+        if self.link is None or self.link.closed:
+            return
+        if self._pacer.delay(now) > 0 or self.link.has_output:
+            self._due = now + max(self._pacer.delay(now), feed.MIN_INTERVAL)
+            self.server.call_later(self._due - now, self._send)  # the last one is
+            return  # still on its way
         started = time.perf_counter()
         self.server.notify(self.link, 'update', self.snapshot())
         self._pacer.sent(now, time.perf_counter() - started)

@@ -33,7 +33,7 @@ from ave.cmd import _follow, _spawn
 from ave.cmd._output import Output
 from ave.exceptions import RunError, Timeout
 
-__all__ = ['check_timeout', 'run', 'run_bg']
+__all__ = ['argv_of', 'check_timeout', 'run', 'run_bg']
 
 Command = str | list[str] | tuple[str, ...]
 Path = str | os.PathLike[str]
@@ -61,7 +61,7 @@ def run(cmd: Command, timeout: float = 0, debug: bool = False, cwd: Path = '',
     extensions of the reference signature.
     Raises ``RunError`` when the command cannot be started.
     """
-    argv = _argv(cmd)
+    argv = argv_of(cmd)
     cwd = _directory(cwd)
     timeout = check_timeout(timeout)
     output = Output(_sinks(debug, output_file), _output_limit(max_output))
@@ -82,7 +82,7 @@ def run_bg(cmd: Command, debug: bool = False, cwd: Path = '') -> tuple[int, int]
     the pid and command on ``sys.stderr``; the output itself is the caller's to read.
     Raises ``RunError`` when the command cannot be started.
     """
-    argv = _argv(cmd)
+    argv = argv_of(cmd)
     pid, master = _start(cmd, argv, _directory(cwd))
     if debug:
         sys.stderr.write(f'ave.cmd: started pid {pid}: {argv}\n')
@@ -128,8 +128,9 @@ def _start(cmd: Command, argv: list[str], cwd: str) -> tuple[int, int]:
         raise RunError(cmd, '', str(exc)) from None
 
 
-def _argv(cmd: object) -> list[str]:
-    """Validate ``cmd`` once, here, so the child never meets a bad argument."""
+def argv_of(cmd: object) -> list[str]:
+    """``cmd`` (a str split on whitespace, or a list) as checked arguments: validated
+    once, before any fork, so a child never meets a bad argument."""
     if isinstance(cmd, str):
         argv = cmd.split()
     elif isinstance(cmd, (list, tuple)):

@@ -21,7 +21,8 @@ job commands (``isolate=False``): relay tools reach their boards through the hos
 device nodes (USB HID, serial, GPIO, found through udev), may keep state files where
 their owner put them, and a switch must cost what the tool costs, not the few
 milliseconds a fresh set of namespaces does. They still belong to the session's
-sandbox for ``kill()``: a session ending stops a hung relay command at once.
+sandbox for ``kill()``: a session ending stops a job's hung switch at once, while the
+reset of a relay the job already gave back runs to its end.
 """
 from __future__ import annotations
 

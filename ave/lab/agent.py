@@ -16,6 +16,12 @@ not for ``ttl`` it can no longer prove that its lease, and so any hold under it,
 still exists, and ``fenced`` tells the broker to end the sessions it hosts. When etcd
 answers again the broker joins anew (a new lease if the old one expired).
 
+History. Every change adds a revision to etcd's history, which grows until it is
+compacted; etcd refuses all writes once its database reaches its quota. The leader
+compacts every ``compact_s`` seconds to the revision it saw one period earlier, so
+that a watch lagging less than that loses nothing (one that lags more reads the lab
+again). ``compact_s`` 0 leaves compaction to etcd's own ``--auto-compaction-*``.
+
 The election. The broker that manages to create the ``leader`` key (under its lease)
 decides for the lab; when that key goes (its broker stopped, died or lost etcd), the
 others race to create it again.
@@ -75,6 +81,8 @@ class LabAgent:
         self._rejoining = False
         self._generation = 0  # which watch the loop listens to
         self._seen: list[tuple[int, Callable[[], None]]] = []  # (revision, then what)
+        self.compact_s = float(lab.get('compact_s', 0))
+        self._compact_to = 0  # the revision seen one compaction period ago
 
     # -- joining -----------------------------------------------------------------------
 
@@ -89,6 +97,8 @@ class LabAgent:
         self.mirror.load(snapshot.kvs, snapshot.revision)
         self._watch(snapshot)
         self.loop.call_later(self.ttl / 4, self._keep_alive)
+        if self.compact_s:
+            self.loop.call_later(self.compact_s, self._compact)
 
     def _lease(self, lease: int | None) -> int:
         if lease is not None:
@@ -279,6 +289,17 @@ class LabAgent:
         self.txn([Compare.missing(key)], [Op.put(key, json.dumps(self.host),
                                                  lease=self.lease)],
                  self._ignore, lambda error: log.info('lab: election: %s', error))
+
+    # -- history -----------------------------------------------------------------------
+
+    def _compact(self) -> None:
+        if not self.loop.keep_going:
+            return
+        self.loop.call_later(self.compact_s, self._compact)
+        revision, self._compact_to = self._compact_to, self.mirror.revision
+        if revision and self.leader:
+            self.submit(lambda: self.etcd.compact(revision), self._ignore,
+                        lambda error: log.warning('lab: cannot compact etcd: %s', error))
 
     # -- ending ------------------------------------------------------------------------
 

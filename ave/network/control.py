@@ -24,11 +24,11 @@ from ave.network.connection import Connection
 from ave.network.exceptions import ConnectionAgain, ConnectionClosed
 from ave.network.limits import Admission, Limits
 from ave.network.loop import EventLoop
-from ave.network.peer import (AUTHENTICATING, CLOSED, ESTABLISHED, IN_SERVICE, RELEASED,
-                              SERVING, WATCHED, Peer)
+from ave.network.peer import (AUTHENTICATING, CLOSED, ESTABLISHED, IN_SERVICE, LIVE,
+                              RELEASED, SERVING, WATCHED, Peer)
 from ave.network.protocol import CHALLENGE_PREFIX, NONCE_SIZE  # noqa: F401 (re-exported)
 from ave.network.remote import RemoteControl  # noqa: F401 (re-exported)
-from ave.network.rpc import Dispatch, Reply, auth, preauth, rpc
+from ave.network.rpc import Reply, auth, preauth, rpc
 
 __all__ = ['Control', 'RemoteControl', 'Reply', 'auth', 'preauth', 'rpc']
 
@@ -72,7 +72,8 @@ class Control(EventLoop):
         self.alt_keys = dict(alt_keys or {})
         self.limits = limits or Limits()
         self.caller: Peer | None = None
-        self._dispatch: Dispatch | None = None
+        self._serving_async = False  # whether the request being served is one-way
+        self._deferred: Reply | None = None  # its Reply, once it called defer()
         # No port and no socket: the listening socket will be adopted from a
         # predecessor (see adopt_listener), as a restarting broker does.
         self.listener: Connection | None = None
@@ -133,9 +134,6 @@ class Control(EventLoop):
     def _next_deadline(self) -> float | None:
         return self._handshakes[0].deadline if self._handshakes else None
 
-    def _after_events(self, now: float) -> None:
-        self._expire_handshakes(now)
-
     # -- accepting and handshakes ------------------------------------------------------
 
     def _on_listening(self, listener: _Listener, mask: int) -> None:
@@ -188,7 +186,8 @@ class Control(EventLoop):
         self._watch(peer)
         self._send(peer, frame)
 
-    def _expire_handshakes(self, now: float) -> None:
+    def _after_events(self, now: float) -> None:
+        """Drop the peers whose handshake time is up."""
         while self._handshakes and (self._handshakes[0].state != AUTHENTICATING
                                     or self._handshakes[0].deadline <= now):
             peer = self._handshakes.popleft()
@@ -396,44 +395,46 @@ class Control(EventLoop):
     def _serve(self, peer: Peer, payload: bytes) -> None:
         """Decode, authorize, call and answer one request. Bad input is answered too.
 
-        The caller and the dispatch record are restored afterwards, so a request
+        The caller and the deferred reply are restored afterwards, so a request
         served from inside another (``serve_pending``) leaves the outer one intact.
         """
-        saved = self.caller, self._dispatch
         try:
-            self._serve_one(peer, payload)
-        finally:
-            self.caller, self._dispatch = saved
-
-    def _serve_one(self, peer: Peer, payload: bytes) -> None:
-        try:
-            request = protocol.decode(payload)
-        except AveException as error:
-            self._send(peer, protocol.encode_exception(error))
-            return
-        dispatch = Dispatch(peer, protocol.is_async_payload(request))
-        self.caller, self._dispatch = peer, dispatch
-        try:
-            parsed = protocol.parse_request(request)
-            result = self.invoke(self._find_rpc(peer, parsed.method, parsed.resource),
-                                 parsed.vargs, parsed.kwargs)
-        except Exception as error:
-            if dispatch.reply is not None:
-                dispatch.reply.done = True
-                dispatch.reply.in_dispatch = False
-            if dispatch.is_async:
-                self.throttle.info('async', 'one-way call failed: %s', clip(str(error)))
-            else:
+            request = protocol.parse_request(payload)
+        except protocol.MalformedRequest as error:
+            if not error.is_async:
                 self._send(peer, protocol.encode_exception(error))
             return
-        if dispatch.reply is None:
-            if not dispatch.is_async:
+        saved = self.caller, self._serving_async, self._deferred
+        self.caller, self._serving_async, self._deferred = peer, request.is_async, None
+        try:
+            result = self.invoke(self._find_rpc(peer, request.method, request.resource),
+                                 request.vargs, request.kwargs)
+        except Exception as error:
+            self._failed(peer, request.is_async, error)
+        else:
+            if self._deferred is not None:
+                self._leave_deferred(peer, request.is_async, self._deferred)
+            elif not request.is_async:
                 self._send(peer, protocol.encode_result(result))
-            return
-        dispatch.reply.in_dispatch = False
-        if not dispatch.reply.done and peer.state == ESTABLISHED:
-            peer.reply_is_async = dispatch.is_async
+        finally:
+            self.caller, self._serving_async, self._deferred = saved
+
+    def _leave_deferred(self, peer: Peer, is_async: bool, reply: Reply) -> None:
+        """The method returned after defer(): the peer waits for its Reply, unless
+        that was already sent."""
+        reply.in_dispatch = False
+        if not reply.done and peer.state == ESTABLISHED:
+            peer.reply_is_async = is_async
             self._move(peer, SERVING)
+
+    def _failed(self, peer: Peer, is_async: bool, error: Exception) -> None:
+        if self._deferred is not None:
+            self._deferred.done = True
+            self._deferred.in_dispatch = False
+        if is_async:
+            self.throttle.info('async', 'one-way call failed: %s', clip(str(error)))
+        else:
+            self._send(peer, protocol.encode_exception(error))
 
     def invoke(self, function: Callable, vargs: list, kwargs: dict) -> Any:
         """Call the RPC a request named; a service may run some calls elsewhere
@@ -445,12 +446,11 @@ class Control(EventLoop):
 
         The peer's next requests wait until then; the loop goes on serving others.
         """
-        if self._dispatch is None:
+        if self.caller is None:
             raise RuntimeError('defer() is only possible while serving a request')
-        if self._dispatch.reply is None:
-            self._dispatch.reply = Reply(self, self._dispatch.peer, self._dispatch.is_async,
-                                         in_dispatch=True)
-        return self._dispatch.reply
+        if self._deferred is None:
+            self._deferred = Reply(self, self.caller, self._serving_async, in_dispatch=True)
+        return self._deferred
 
     def owed_reply(self, connection: Connection) -> Reply | None:
         """The Reply owed to a peer adopted in state serving (a predecessor's call)."""
@@ -514,7 +514,7 @@ class Control(EventLoop):
 
     def _send(self, peer: Peer, payload: bytes | str) -> None:
         """Queue a frame and push it out; what the kernel refuses waits for writability."""
-        if not peer.live:
+        if peer.state not in LIVE:
             return
         try:
             peer.connection.put(payload)

@@ -162,12 +162,14 @@ class EventLoop(Process):
             handler = self._handlers.get(item.state)
             if handler is not None:
                 handler(item, mask)
-        self._run_from_threads()
+        if self._from_threads:
+            self._run_from_threads()
         now = time.monotonic()
         if events:
             self._last_activity = now
         self._after_events(now)
-        self._run_due_timers(now)
+        if self._timers and self._timers[0][0] <= now:
+            self._run_due_timers(now)
         if self._terminating and self.keep_going:
             self.shutdown()
         elif self.interval is not None and now - self._last_activity >= self.interval:

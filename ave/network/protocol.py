@@ -29,7 +29,7 @@ import hmac
 import json
 import secrets
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from ave.exceptions import AuthError, AveException, details_of, exception_factory
 
@@ -44,7 +44,14 @@ NO_ACCOUNTS: frozenset[str] = frozenset()  # shared: thousands of peers hold no 
 
 
 class MalformedRequest(AveException):
-    """A request frame is not a request; the message names the defect."""
+    """A request frame is not a request; the message names the defect.
+
+    ``is_async``: the frame, however broken, asked for no answer; it gets none.
+    """
+
+    def __init__(self, message: str, is_async: bool = False) -> None:
+        super().__init__(message)
+        self.is_async = is_async
 
 
 @dataclass(frozen=True)
@@ -63,8 +70,9 @@ class Credentials:
 ANONYMOUS = Credentials()
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
+    """A checked request (a tuple: made once per call, so made cheaply)."""
+
     method: str
     resource: dict | None
     vargs: list
@@ -142,45 +150,41 @@ def encode_request(method: str, resource: dict | None, vargs: list | tuple,
                        'async': is_async})
 
 
-def is_async_payload(request: Any) -> bool:
-    """Whether a decoded frame asked for no reply, judged as leniently as possible:
-    even a malformed one-way request must never be answered."""
-    return isinstance(request, dict) and request.get('async') is True
-
-
-def decode(payload: bytes) -> Any:
-    """JSON of a frame; MalformedRequest for anything that is not."""
+def parse_request(payload: bytes) -> Request:
+    """Decode and check a request frame; every defect is named in the error."""
     try:
-        return json.loads(payload)
+        request = json.loads(payload)
     except (ValueError, RecursionError) as error:
         raise MalformedRequest(f'malformed request: {error}') from None
-
-
-def parse_request(request: Any) -> Request:
-    """Check a decoded request's shape; every defect is named in the error."""
     if not isinstance(request, dict):
         raise MalformedRequest('malformed request: expected a JSON object')
-    method = request.get('method')
-    if not isinstance(method, str) or not method:
-        raise MalformedRequest('malformed request: "method" must be a non-empty string')
-    if 'params' not in request:
-        raise MalformedRequest('malformed request: "params" is missing')
-    params = request['params']
-    if not isinstance(params, dict):
-        raise MalformedRequest('malformed request: "params" must be an object')
-    vargs = params.get('vargs', [])
-    kwargs = params.get('kwargs', {})
-    if not isinstance(vargs, list):
-        raise MalformedRequest('malformed request: "params.vargs" must be a list')
-    if not isinstance(kwargs, dict):
-        raise MalformedRequest('malformed request: "params.kwargs" must be an object')
-    resource = request.get('resource')
-    if resource is not None and not isinstance(resource, dict):
-        raise MalformedRequest('malformed request: "resource" must be an object or null')
+    params = request.get('params')
+    vargs = params.get('vargs', []) if isinstance(params, dict) else None
+    kwargs = params.get('kwargs', {}) if isinstance(params, dict) else None
+    method, resource = request.get('method'), request.get('resource')
     is_async = request.get('async', False)
-    if not isinstance(is_async, bool):
-        raise MalformedRequest('malformed request: "async" must be true or false')
-    return Request(method, resource, vargs, kwargs, is_async)
+    if (type(method) is str and method and type(vargs) is list and type(kwargs) is dict
+            and (resource is None or type(resource) is dict) and type(is_async) is bool):
+        return Request(method, resource, vargs, kwargs, is_async)
+    raise MalformedRequest(f'malformed request: {_defect(request)}', is_async is True)
+
+
+def _defect(request: dict) -> str:
+    """What is wrong with a request that failed the check in ``parse_request``."""
+    params = request.get('params')
+    if not isinstance(request.get('method'), str) or not request.get('method'):
+        return '"method" must be a non-empty string'
+    if 'params' not in request:
+        return '"params" is missing'
+    if not isinstance(params, dict):
+        return '"params" must be an object'
+    if not isinstance(params.get('vargs', []), list):
+        return '"params.vargs" must be a list'
+    if not isinstance(params.get('kwargs', {}), dict):
+        return '"params.kwargs" must be an object'
+    if not isinstance(request.get('resource'), (dict, type(None))):
+        return '"resource" must be an object or null'
+    return '"async" must be true or false'
 
 
 # -- replies ----------------------------------------------------------------------------

@@ -79,14 +79,3 @@ class Reply:
 
     def fail(self, error: BaseException) -> None:
         self._control._finish_reply(self, lambda: protocol.encode_exception(error))
-
-
-class Dispatch:
-    """The request being served: who asked, and whether its answer was deferred."""
-
-    __slots__ = ('peer', 'is_async', 'reply')
-
-    def __init__(self, peer: Peer, is_async: bool) -> None:
-        self.peer = peer
-        self.is_async = is_async
-        self.reply: Reply | None = None

@@ -43,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -267,7 +267,7 @@ class Sandbox:
         never for job-chosen ones. ``max_output`` keeps only the end of the output,
         as ``ave.cmd.run`` does.
         """
-        argv = _argv(cmd)
+        argv = ave.cmd.argv_of(cmd)
         call = self._register(owner)
         limits = _Output(output_file, max_output)
         try:
@@ -279,17 +279,21 @@ class Sandbox:
                 del self._calls[call.marker]
                 self._ended.notify_all()
 
-    def kill(self, owner: object = None) -> None:
+    def kill(self, owner: object = None, *, spare: Collection[object] = ()) -> None:
         """Kill every command running now (only ``owner``'s when given) and wait for them.
 
         Each such ``run()`` raises ``Killed`` promptly; a command that was about to
         start does not start. Returns once those calls have returned, or after
         ``KILL_WAIT`` seconds with a warning. Commands started after this call are not
-        affected, so teardown that follows (a relay's reset) runs normally.
+        affected, so teardown that follows (a relay's reset) runs normally. Commands
+        of the owners in ``spare`` are left running: a session that ends spares the
+        resets of what it already gave back, which are teardown, not job commands.
         """
+        spared = {id(other) for other in spare}
         with self._lock:
             doomed = [call for call in self._calls.values()
-                      if owner is None or call.owner is owner]
+                      if (owner is None or call.owner is owner)
+                      and id(call.owner) not in spared]
             for call in doomed:
                 call.cancelled = True
         deadline = time.monotonic() + KILL_WAIT
@@ -546,24 +550,6 @@ def _command_line_of(pid: int) -> list[str]:
 
 def _has_exited(pidfd: int) -> bool:
     return bool(select.select([pidfd], [], [], 0)[0])
-
-
-def _argv(cmd: object) -> list[str]:
-    """``cmd`` as a list of arguments; the same checks (and errors) as ``ave.cmd.run``."""
-    if isinstance(cmd, str):
-        argv = cmd.split()
-    elif isinstance(cmd, (list, tuple)):
-        argv = list(cmd)
-    else:
-        raise TypeError(f'cmd must be a str or a list of str, not {type(cmd).__name__}')
-    if not argv:
-        raise ValueError('cmd is empty')
-    for arg in argv:
-        if not isinstance(arg, str):
-            raise TypeError(f'cmd arguments must be str, not {type(arg).__name__}: {arg!r}')
-    if not argv[0]:
-        raise ValueError('cmd names no program (first argument is empty)')
-    return argv
 
 
 def _absolute(path: object, name: str) -> str:

@@ -237,3 +237,22 @@ def start_broker(broker_home):
 def broker(start_broker):
     """A started broker without static equipment (workspaces are created on demand)."""
     return start_broker()
+
+
+@pytest.fixture
+def jobs():
+    """Factory: ``jobs(script, *args)`` runs a test job's Python ``script`` as a real
+    process, stdin and stdout piped as text; all are killed and reaped afterwards."""
+    started = []
+
+    def start(script, *args):
+        job = subprocess.Popen([sys.executable, '-c', script, *map(str, args)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        started.append(job)
+        return job
+    yield start
+    for job in started:
+        job.kill()
+        job.wait(10)
+        job.stdin.close()
+        job.stdout.close()

@@ -1,55 +1,14 @@
 """Allocation rules, exercised on the allocator alone (no sockets, no processes)."""
 import pytest
 
+from fake_types import HandsetLike, SerialProfile, fake_types, handset, relay
 from ave.broker.allocator import Allocator
 from ave.broker.exceptions import Busy, NoSuch, NotAllocated, NotOwner
-from ave.equipment import EquipmentType
-from ave.profile import Profile
-
-
-class UidProfile(Profile):
-    identity = 'uid'
-
-
-class SerialProfile(Profile):
-    identity = 'serial'
-
-
-class RelayLike(EquipmentType):
-    name = 'relay'
-    profile_class = UidProfile
-
-
-class HandsetLike(EquipmentType):
-    name = 'handset'
-    profile_class = SerialProfile
-
-
-class OnDemand(EquipmentType):
-    name = 'workspace'
-    profile_class = UidProfile
-    on_demand = True
-
-    def __init__(self):
-        self.count = 0
-
-    def create(self, settings):
-        self.count += 1
-        return UidProfile({'type': 'workspace', 'uid': f'w{self.count}',
-                           'root': settings.get('root')})
-
-
-def relay(uid, **extra):
-    return {'type': 'relay', 'uid': uid, **extra}
-
-
-def handset(serial, **extra):
-    return {'type': 'handset', 'serial': serial, **extra}
 
 
 @pytest.fixture
 def types():
-    return {'relay': RelayLike(), 'handset': HandsetLike(), 'workspace': OnDemand()}
+    return fake_types()
 
 
 def make(types, items=(), stacks=()):

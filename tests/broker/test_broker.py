@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 
@@ -45,24 +43,6 @@ def sessions_of(lab):
     without the broker waiting, and name themselves once initialized). The kernel keeps
     15 characters of a name: 'ave-broker-session' shows as 'ave-broker-sess'."""
     return [p for p in psutil.Process(lab.pid).children() if p.name().startswith('ave-broker-sess')]
-
-
-@pytest.fixture
-def jobs():
-    """Start test-job scripts as real processes; all are killed and reaped afterwards."""
-    started = []
-
-    def start(script, *args, **kwargs):
-        job = subprocess.Popen([sys.executable, '-c', script, *map(str, args)], **kwargs)
-        started.append(job)
-        return job
-    yield start
-    for job in started:
-        job.kill()
-        job.wait(10)
-        for stream in (job.stdin, job.stdout):
-            if stream is not None:
-                stream.close()
 
 
 @pytest.fixture
@@ -248,8 +228,8 @@ CLIENT_SCRIPT = textwrap.dedent('''
 
 
 def test_client_killed_while_holding_is_reclaimed_within_a_second(lab, jobs):
-    job = jobs(CLIENT_SCRIPT, lab.port, 'r1', stdout=subprocess.PIPE)
-    assert job.stdout.readline().strip() == b'held'
+    job = jobs(CLIENT_SCRIPT, lab.port, 'r1')
+    assert job.stdout.readline().strip() == 'held'
     admin = lab.client(lab.admin_key)
     assert 'r1' not in uids(admin.list_available())
     job.send_signal(signal.SIGKILL)
@@ -279,11 +259,11 @@ RACE_SCRIPT = textwrap.dedent('''
 
 def test_two_clients_racing_for_the_last_relay_exactly_one_wins(lab, jobs, tmp_path):
     go = tmp_path / 'go'
-    racers = [jobs(RACE_SCRIPT, lab.port, go, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    racers = [jobs(RACE_SCRIPT, lab.port, go)
               for _ in range(2)]
     time.sleep(0.5)
     go.write_text('go')
-    results = sorted(racer.stdout.readline().strip().decode() for racer in racers)
+    results = sorted(racer.stdout.readline().strip() for racer in racers)
     assert results == ['busy', 'won']
 
 

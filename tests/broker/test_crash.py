@@ -105,23 +105,6 @@ def crash_lab(start_broker, tmp_path):
     return start
 
 
-@pytest.fixture
-def jobs():
-    started = []
-
-    def start(script, *args):
-        job = subprocess.Popen([sys.executable, '-c', script, *map(str, args)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        started.append(job)
-        return job
-    yield start
-    for job in started:
-        job.kill()
-        job.wait(10)
-        job.stdin.close()
-        job.stdout.close()
-
-
 def kill_broker(lab):
     """SIGKILL the broker and wait until it is gone."""
     process = psutil.Process(lab.pid)

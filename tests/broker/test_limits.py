@@ -15,7 +15,6 @@ import time
 import psutil
 import pytest
 
-from support import wait_until
 from ave.broker import daemon
 from ave.broker.exceptions import Busy
 from ave.network import framing, protocol

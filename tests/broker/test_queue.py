@@ -5,55 +5,14 @@ import random
 
 import pytest
 
+from fake_types import fake_types, handset, relay
 from ave.broker.allocator import Allocator
 from ave.broker.exceptions import Busy, NoSuch
 from ave.broker.queue import MAX_PRIORITY, WaitQueue, parse_priority, parse_wait
-from ave.equipment import EquipmentType
 from ave.exceptions import AveException
-from ave.profile import Profile
 
 
-class UidProfile(Profile):
-    identity = 'uid'
-
-
-class SerialProfile(Profile):
-    identity = 'serial'
-
-
-class RelayLike(EquipmentType):
-    name = 'relay'
-    profile_class = UidProfile
-
-
-class HandsetLike(EquipmentType):
-    name = 'handset'
-    profile_class = SerialProfile
-
-
-class OnDemand(EquipmentType):
-    name = 'workspace'
-    profile_class = UidProfile
-    on_demand = True
-
-    def __init__(self):
-        self.count = 0
-
-    def create(self, settings):
-        self.count += 1
-        return UidProfile({'type': 'workspace', 'uid': f'w{self.count}'})
-
-
-TYPES = {'relay': RelayLike(), 'handset': HandsetLike(), 'workspace': OnDemand()}
-
-
-def relay(uid):
-    return {'type': 'relay', 'uid': uid}
-
-
-def handset(serial):
-    return {'type': 'handset', 'serial': serial}
-
+TYPES = fake_types()
 
 ANY_RELAY = {'type': 'relay'}
 WORKSPACE = {'type': 'workspace'}

@@ -90,7 +90,7 @@ def test_the_listener_is_private_and_replaces_a_stale_socket(home):
     stale.close()  # a dead broker's file: nobody listens on it
     with rendezvous.listen(home) as listener:
         assert os.stat(rendezvous.socket_path(home)).st_mode & 0o777 == 0o600
-        with rendezvous.connect(home) as sock:
+        with rendezvous.connect(home):
             accepted, _ = listener.accept()
             with accepted:
                 assert rendezvous.peer_of(accepted) == (os.getpid(), os.getuid())

@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import textwrap
 import time
 
@@ -73,23 +72,6 @@ KNOCKER = textwrap.dedent('''
         time.sleep(0.005)
     print(json.dumps({'opened': opened, 'refused': refused, 'failed': failed}), flush=True)
 ''')
-
-
-@pytest.fixture
-def jobs():
-    started = []
-
-    def start(script, *args):
-        job = subprocess.Popen([sys.executable, '-c', script, *map(str, args)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        started.append(job)
-        return job
-    yield start
-    for job in started:
-        job.kill()
-        job.wait(10)
-        job.stdin.close()
-        job.stdout.close()
 
 
 def restart(lab):

@@ -98,6 +98,19 @@ def test_metric_names_and_types(lab):
     assert found == wanted, f'metrics: {found}'
 
 
+def test_a_change_shows_at_once_not_at_the_next_periodic_snapshot(lab):
+    """Snapshots go out at least every 5 s and soon after each change: a change made
+    while the periodic one is pending must not wait for it."""
+    assert wait_until(lambda: relay_row(lab)['state'] == 'available', timeout=10)
+    time.sleep(0.5)  # the first snapshot has gone; the next periodic one is 5 s away
+    holder = lab.client()
+    holder.get({'type': 'relay', 'uid': 'r1'})
+    allocated = time.monotonic()
+    assert wait_until(lambda: relay_row(lab)['state'] == 'held', timeout=10)
+    assert time.monotonic() - allocated < 2.5, \
+        f'the page showed the allocation after {time.monotonic() - allocated:.1f} s'
+
+
 def test_restart_while_polling_fails_no_request(lab):
     failures, requests = [], [0]
     stop = threading.Event()

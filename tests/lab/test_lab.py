@@ -2,6 +2,8 @@
 for a host, sharing one real etcd."""
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +11,8 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import psutil
 import pytest
@@ -37,15 +41,17 @@ def lab(broker_home, etcd_node, tmp_path):
     state = tmp_path / 'state'
     state.mkdir()
 
-    def make(count: int = 3, endpoints: list[str] | None = None, **extra) -> list[BrokerHome]:
+    def make(count: int = 3, endpoints: list[str] | None = None,
+             compact_s: float | None = None, **extra) -> list[BrokerHome]:
         homes = []
+        history = {} if compact_s is None else {'compact_s': compact_s}
         for number in range(1, count + 1):
             address = f'127.0.0.{number}'
             home = broker_home(
                 equipment=[relay(f'r{number}', state), relay('shared', state)],
                 host=address, port=free_port(),
                 lab={'name': 'test-lab', 'etcd': endpoints or [etcd_node.endpoint],
-                     'ttl': TTL}, **extra)
+                     'ttl': TTL, **history}, **extra)
             home.start()
             home.state = state
             homes.append(home)
@@ -242,3 +248,34 @@ def test_allocation_goes_on_when_the_etcd_leader_dies(broker_home, etcd_cluster,
     granted = wait_until(lambda: _try_get(client_of(homes[1]), {'type': 'relay',
                                                                 'uid': 'r1'}), timeout=15)
     assert granted, 'no allocation after the etcd leader died'
+
+
+def _oldest_readable(endpoint: str) -> str:
+    """What etcd says to a read of revision 1 of any key: a value, or compacted."""
+    request = urllib.request.Request(
+        f'{endpoint}/v3/kv/range', method='POST',
+        data=json.dumps({'key': base64.b64encode(b'x').decode(), 'revision': 1}).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.read().decode()
+
+
+def test_the_leader_compacts_etcds_history(lab, etcd_node):
+    (host,) = lab(1, compact_s=1)
+    client = client_of(host)
+    for _ in range(3):
+        client.yield_resources(client.get({'type': 'relay', 'uid': 'r1'}, wait=5))
+    assert wait_until(lambda: 'compacted' in _oldest_readable(etcd_node.endpoint), 10), \
+        'the history of the lab was never compacted'
+    relay_ = client.get({'type': 'relay', 'uid': 'r1'}, wait=5)
+    relay_.set_circuit('c1', True)
+
+
+def test_without_compact_s_the_history_is_left_to_etcd(lab, etcd_node):
+    (host,) = lab(1, compact_s=0)
+    client = client_of(host)
+    client.yield_resources(client.get({'type': 'relay', 'uid': 'r1'}))
+    time.sleep(2)
+    assert 'compacted' not in _oldest_readable(etcd_node.endpoint)

@@ -64,7 +64,7 @@ def test_garbage_in_place_of_a_challenge_is_an_auth_error():
 def test_a_request_survives_encoding_and_parsing():
     frame = protocol.encode_request('run', {'type': 'workspace', 'uid': 'w'},
                                     ('ls',), {'timeout': 3}, False)
-    request = protocol.parse_request(protocol.decode(frame.encode()))
+    request = protocol.parse_request(frame.encode())
     assert request == protocol.Request('run', {'type': 'workspace', 'uid': 'w'},
                                        ['ls'], {'timeout': 3}, False)
 
@@ -81,18 +81,25 @@ def test_a_request_survives_encoding_and_parsing():
 ])
 def test_each_malformed_request_names_its_defect(request_, field):
     with pytest.raises(protocol.MalformedRequest) as caught:
-        protocol.parse_request(request_)
+        protocol.parse_request(json.dumps(request_).encode())
     assert field in str(caught.value), f'the message {caught.value} does not name {field}'
 
 
 def test_too_deeply_nested_json_is_a_malformed_request_not_a_crash():
     with pytest.raises(protocol.MalformedRequest):
-        protocol.decode(b'[' * 100_000 + b']' * 100_000)
+        protocol.parse_request(b'[' * 100_000 + b']' * 100_000)
 
 
-def test_one_way_requests_are_recognised_even_when_malformed():
-    assert protocol.is_async_payload({'async': True, 'method': 7})
-    assert not protocol.is_async_payload({'async': 'yes'})
+@pytest.mark.parametrize('request_, is_async', [
+    ({'async': True, 'method': 7}, True),
+    ({'async': True, 'method': 'echo', 'params': []}, True),
+    ({'async': 'yes', 'method': 'echo', 'params': {}}, False),
+    ([{'async': True}], False),
+])
+def test_one_way_requests_are_recognised_even_when_malformed(request_, is_async):
+    with pytest.raises(protocol.MalformedRequest) as caught:
+        protocol.parse_request(json.dumps(request_).encode())
+    assert caught.value.is_async is is_async
 
 
 # -- replies ----------------------------------------------------------------------------

@@ -178,8 +178,9 @@ function render() {
     ? 'Waiting for the broker\'s first report…'
     : `Reported by ${clip(equipment.host || '?')} ${duration(age)} ago; refreshes every ${REFRESH_MS / 1000} s.`;
   renderSummary(equipment.equipment, (page.queue && page.queue.queue) || []);
-  renderQueue((page.queue && page.queue.queue) || []);
-  renderEquipment(equipment.equipment, equipment.time);
+  // Durations count on to the status server's clock, not stop at the report's.
+  renderQueue((page.queue && page.queue.queue) || [], age || 0);
+  renderEquipment(equipment.equipment, page.serverTime ?? equipment.time);
 }
 
 function renderSummary(items, queue) {
@@ -195,7 +196,7 @@ function renderSummary(items, queue) {
   replaceChildren('summary', ...chips, waiting);
 }
 
-function renderQueue(queue) {
+function renderQueue(queue, age) {
   if (!queue.length) {
     replaceChildren('queue', element('p', 'Nobody is waiting.', 'empty'));
     return;
@@ -206,7 +207,7 @@ function renderQueue(queue) {
                holderCell(entry.holder),
                labelled('td', 'Wants', (entry.profiles || []).map(profileText).join('; ')),
                labelled('td', 'Priority', entry.priority),
-               labelled('td', 'Waited', duration(entry.waited_s)));
+               labelled('td', 'Waited', duration(entry.waited_s + age)));
     return row;
   });
   replaceChildren('queue', table('waiting', ['#', 'Holder', 'Wants', 'Priority', 'Waited'], rows));
