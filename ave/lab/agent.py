@@ -272,8 +272,9 @@ class LabAgent:
             self._watch(snapshot)
             self._run_seen()
             self.on_change()
-        self.submit(read, reload,
-                    lambda error: self.loop.call_later(1.0, lambda: self._reread(generation)))
+        def again(_: BaseException) -> None:
+            self.loop.call_later(1.0, lambda: self._reread(generation))
+        self.submit(read, reload, again)
 
     # -- the election ------------------------------------------------------------------
 

@@ -92,7 +92,8 @@ class Connection:
         self.address = address
         self.socket = socket
         self.limit = limit
-        self._decoder = framing.FrameDecoder(limit)
+        #: What has arrived, cut into frames; ``decoder.held`` counts what waits there.
+        self.decoder = framing.FrameDecoder(limit)
         self._outbox = bytearray()
         if socket is not None:
             socket.setblocking(False)
@@ -247,7 +248,7 @@ class Connection:
     def next_frame(self) -> bytes | None:
         """A frame already received and buffered, without touching the socket."""
         try:
-            return self._decoder.next_frame()
+            return self.decoder.next_frame()
         except framing.FrameTooLarge as error:
             self.close()
             raise ConnectionClosed(str(error))
@@ -262,7 +263,7 @@ class Connection:
 
     def _take(self, data: bytes) -> bytes | None:
         try:
-            return self._decoder.feed_and_next(data)
+            return self.decoder.feed_and_next(data)
         except framing.FrameTooLarge as error:
             self.close()
             raise ConnectionClosed(str(error))
@@ -272,19 +273,15 @@ class Connection:
         ConnectionClosed when the peer has gone."""
         data = self._recv(RECV_SIZE)
         if data is not None:
-            self._decoder.feed(data)
+            self.decoder.feed(data)
 
     def limit_input(self, limit: int) -> None:
         """Refuse incoming frames over ``limit`` from now on (outgoing ones keep
         ``self.limit``): a peer that has not authenticated gets a tiny allowance."""
-        self._decoder.limit = limit
-
-    def buffered_input(self) -> int:
-        """Bytes received and not yet taken out as frames."""
-        return self._decoder.buffered()
+        self.decoder.limit = limit
 
     def _read_size(self) -> int:
-        wanted = self._decoder.wanted()
+        wanted = self.decoder.wanted()
         return RECV_SIZE if wanted <= RECV_SIZE else min(wanted, LARGE_RECV_SIZE)
 
     def say_and_close(self, payload: bytes | str) -> None:
@@ -309,7 +306,7 @@ class Connection:
 
     def pending_input(self) -> bytes:
         """Received bytes not yet returned as frames (for handing the peer over)."""
-        return self._decoder.pending()
+        return self.decoder.pending()
 
     def pending_output(self) -> bytes:
         """Queued bytes not yet sent (for handing the peer over)."""
@@ -317,7 +314,7 @@ class Connection:
 
     def restore(self, pending_input: bytes, pending_output: bytes) -> None:
         """Take over a predecessor's half-read input and unsent output."""
-        self._decoder.feed(pending_input)
+        self.decoder.feed(pending_input)
         self._outbox += pending_output
 
 

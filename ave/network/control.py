@@ -9,11 +9,11 @@ through ``_send`` (at once, or later through a ``Reply`` when the method deferre
 from __future__ import annotations
 
 import errno
+import functools
 import logging as logginglib
 import selectors
 import socket as socketlib
 import time
-from collections import deque
 from typing import Any, Callable
 
 from ave.exceptions import AuthError, AveException, Exit
@@ -28,7 +28,7 @@ from ave.network.peer import (AUTHENTICATING, CLOSED, ESTABLISHED, IN_SERVICE, L
                               RELEASED, SERVING, WATCHED, Peer)
 from ave.network.protocol import CHALLENGE_PREFIX, NONCE_SIZE  # noqa: F401 (re-exported)
 from ave.network.remote import RemoteControl  # noqa: F401 (re-exported)
-from ave.network.rpc import Reply, auth, preauth, rpc
+from ave.network.rpc import Reply, auth, authorize_accounts, preauth, rpc
 
 __all__ = ['Control', 'RemoteControl', 'Reply', 'auth', 'preauth', 'rpc']
 
@@ -81,7 +81,6 @@ class Control(EventLoop):
         if port is not None or socket is not None:
             self.adopt_listener(_make_listener(host, port, socket))
         self._peers: dict[Connection, Peer] = {}
-        self._handshakes: deque[Peer] = deque()
         self._accept_pause = ACCEPT_BACKOFF[0]
         self._admission = Admission(self.limits)
         self._buffered = 0
@@ -131,9 +130,6 @@ class Control(EventLoop):
     def close_fds(self, exclude: list[int]) -> None:
         super().close_fds(exclude + ([] if self.listener is None else [self.listener.fileno()]))
 
-    def _next_deadline(self) -> float | None:
-        return self._handshakes[0].deadline if self._handshakes else None
-
     # -- accepting and handshakes ------------------------------------------------------
 
     def _on_listening(self, listener: _Listener, mask: int) -> None:
@@ -181,20 +177,19 @@ class Control(EventLoop):
         peer.address_key = address
         self._admission.enter(address)
         peer.nonce, frame = protocol.challenge()
-        peer.deadline = time.monotonic() + (self.limits.handshake_s or HANDSHAKE_TIMEOUT)
-        self._handshakes.append(peer)
+        allowed = self.limits.handshake_s or HANDSHAKE_TIMEOUT
+        peer.deadline = time.monotonic() + allowed
+        peer.expiry = self.call_later(allowed, functools.partial(self._expire_handshake, peer))
         self._watch(peer)
         self._send(peer, frame)
 
-    def _after_events(self, now: float) -> None:
-        """Drop the peers whose handshake time is up."""
-        while self._handshakes and (self._handshakes[0].state != AUTHENTICATING
-                                    or self._handshakes[0].deadline <= now):
-            peer = self._handshakes.popleft()
-            if peer.state == AUTHENTICATING:
-                self.throttle.info('handshake', 'dropping %s: handshake not finished in '
-                                   'time', peer.connection)
-                self._close(peer)
+    def _expire_handshake(self, peer: Peer) -> None:
+        """A peer's handshake time is up (a timer set when it arrived): drop it if it
+        has not finished."""
+        if peer.state == AUTHENTICATING:
+            self.throttle.info('handshake', 'dropping %s: handshake not finished in time',
+                               peer.connection)
+            self._close(peer)
 
     def _on_authenticating(self, peer: Peer, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
@@ -258,6 +253,9 @@ class Control(EventLoop):
         """Change a peer's state, keep the selector and the counts in step with it, and
         tell the subclass when a connection it knew about is gone."""
         previous = peer.move(state)
+        if peer.expiry is not None:  # the handshake is over, one way or another
+            self.cancel(peer.expiry)
+            peer.expiry = None
         if state in (CLOSED, RELEASED):
             del self._peers[peer.connection]
             self._update_interest(peer)
@@ -302,29 +300,33 @@ class Control(EventLoop):
 
     # -- reading -----------------------------------------------------------------------
 
-    def _receive(self, peer: Peer) -> bytes | None:
-        """One buffered or freshly read frame, or None; a broken peer is closed."""
-        return self._read(peer, peer.connection.get)
-
-    def _read(self, peer: Peer, read: Callable[[], Any]) -> Any:
-        """What ``read`` of the peer's connection returns, or None after closing a
-        broken peer; what arrived counts against the cap of unfinished frames."""
+    def _receive(self, peer: Peer, fill: bool = False) -> bytes | None:
+        """One buffered or freshly read frame, or None; a broken peer is closed.
+        ``fill`` only reads what has arrived (for a peer owed a reply). What arrived
+        counts against the cap of unfinished frames; the usual case (nothing left
+        over, nothing counted before) is decided without a call.
+        """
+        frame = None
         try:
-            result = read()
-        except ConnectionClosed as error:
-            log.debug('%s gone: %s', peer.connection, error)
-        except OSError as error:
-            self.throttle.warning('read', '%s failed: %s', peer.connection, error)
-        else:
+            if fill:
+                peer.connection.fill()
+            else:
+                frame = peer.connection.get()
+        except (ConnectionClosed, OSError) as error:
+            if isinstance(error, ConnectionClosed):
+                log.debug('%s gone: %s', peer.connection, error)
+            else:
+                self.throttle.warning('read', '%s failed: %s', peer.connection, error)
+            self._close(peer)
+            return None
+        if peer.buffered or peer.connection.decoder.held:
             self._account(peer)
-            return result
-        self._close(peer)
-        return None
+        return frame
 
     def _account(self, peer: Peer) -> None:
         """Keep the total of partly received frames under its cap: the peer whose read
         went past it is dropped, so no crowd of half-sent frames can exhaust memory."""
-        size = peer.connection.buffered_input()
+        size = peer.connection.decoder.held
         self._buffered += size - peer.buffered
         peer.buffered = size
         if size and self._buffered > self.limits.buffered_bytes:
@@ -349,8 +351,8 @@ class Control(EventLoop):
             self._flush(peer)
         if not mask & selectors.EVENT_READ or peer.state != SERVING:
             return
-        self._read(peer, peer.connection.fill)
-        if peer.state == SERVING and peer.connection.buffered_input() > SERVING_INPUT_CAP:
+        self._receive(peer, fill=True)
+        if peer.state == SERVING and peer.connection.decoder.held > SERVING_INPUT_CAP:
             peer.parked = True
             self._update_interest(peer)
 
@@ -387,7 +389,8 @@ class Control(EventLoop):
                 return
             if payload is None:
                 return
-            self._account(peer)
+            if peer.buffered or peer.connection.decoder.held:
+                self._account(peer)
             self._serve(peer, payload)
 
     # -- serving -----------------------------------------------------------------------
@@ -399,22 +402,21 @@ class Control(EventLoop):
         served from inside another (``serve_pending``) leaves the outer one intact.
         """
         try:
-            request = protocol.parse_request(payload)
+            method, resource, vargs, kwargs, is_async = protocol.parse_request(payload)
         except protocol.MalformedRequest as error:
             if not error.is_async:
                 self._send(peer, protocol.encode_exception(error))
             return
         saved = self.caller, self._serving_async, self._deferred
-        self.caller, self._serving_async, self._deferred = peer, request.is_async, None
+        self.caller, self._serving_async, self._deferred = peer, is_async, None
         try:
-            result = self.invoke(self._find_rpc(peer, request.method, request.resource),
-                                 request.vargs, request.kwargs)
+            result = self.invoke(self._find_rpc(peer, method, resource), vargs, kwargs)
         except Exception as error:
-            self._failed(peer, request.is_async, error)
+            self._failed(peer, is_async, error)
         else:
             if self._deferred is not None:
-                self._leave_deferred(peer, request.is_async, self._deferred)
-            elif not request.is_async:
+                self._leave_deferred(peer, is_async, self._deferred)
+            elif not is_async:
                 self._send(peer, protocol.encode_result(result))
         finally:
             self.caller, self._serving_async, self._deferred = saved
@@ -482,10 +484,7 @@ class Control(EventLoop):
             raise AuthError(f'{method}() requires the primary key')
         accounts = getattr(function, 'ave_preauth', None)
         if accounts is not None:
-            keyed = {name for name in accounts if self.alt_keys.get(name)}
-            if keyed and not keyed & peer.accounts:
-                raise AuthError(f'{method}() requires the key of '
-                                f'{" or ".join(sorted(keyed))}')
+            authorize_accounts(accounts, method, peer, self.alt_keys)
         return function
 
     def rpc_function(self, method: str, resource: Any) -> Callable:
@@ -554,16 +553,18 @@ class Control(EventLoop):
 
     def import_peer(self, sock: socketlib.socket, description: dict) -> Connection:
         """Serve a connection a predecessor described with ``export_peers``."""
-        peer = peers.restore(sock, description, time.monotonic())
+        now = time.monotonic()
+        peer = peers.restore(sock, description, now)
         if peer.state == AUTHENTICATING:
             peer.connection.limit_input(protocol.HANDSHAKE_FRAME_LIMIT)
-            self._handshakes.append(peer)
+            peer.expiry = self.call_later(max(0.0, peer.deadline - now),
+                                          functools.partial(self._expire_handshake, peer))
         else:
             peer.connection.limit_input(self.limits.frame_bytes)
         if peer.address_key is not None:
             self._admission.enter(peer.address_key)
         peer.parked = peer.state == SERVING \
-            and peer.connection.buffered_input() > SERVING_INPUT_CAP
+            and peer.connection.decoder.held > SERVING_INPUT_CAP
         self._watch(peer)
         self._account(peer)
         return peer.connection

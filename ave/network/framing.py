@@ -44,10 +44,14 @@ class FrameDecoder:
         self.limit = limit
         self._buffer = bytearray()
         self._expected: int | None = None
+        #: Received bytes waiting here (a partial header or frame, or frames not taken
+        #: yet), kept up to date so that counting them costs no call.
+        self.held = 0
 
     def feed(self, data: bytes) -> None:
         """Add bytes as they arrived from the peer, in any split."""
         self._buffer += data
+        self.held += len(data)
 
     def feed_and_next(self, data: bytes) -> bytes | None:
         """``feed(data)`` then ``next_frame()``, with a shortcut for the usual case.
@@ -60,6 +64,7 @@ class FrameDecoder:
             if size == len(data) - HEADER.size and size <= self.limit:
                 return data[HEADER.size:]
         self._buffer += data
+        self.held += len(data)
         return self.next_frame()
 
     def next_frame(self) -> bytes | None:
@@ -85,13 +90,9 @@ class FrameDecoder:
         else:
             payload = bytes(self._buffer[:self._expected])
             del self._buffer[:self._expected]
+        self.held -= HEADER.size + self._expected
         self._expected = None
         return payload
-
-    def buffered(self) -> int:
-        """How many received bytes wait here (a partial header or frame, or frames
-        not taken yet)."""
-        return len(self._buffer) + (0 if self._expected is None else HEADER.size)
 
     def wanted(self) -> int:
         """How many more bytes would complete the header or the frame being received."""

@@ -82,7 +82,7 @@ class EventLoop(Process):
         self.interval = interval
         self.keep_going = True
         self._selector: selectors.BaseSelector | None = None
-        self._timers: list[tuple[float, int, Callable]] = []
+        self._timers: list[list] = []  # heap of [deadline, order, function or None]
         self._timer_order = itertools.count()
         self._last_activity = time.monotonic()
         self._waker: _Waker | None = None
@@ -114,13 +114,6 @@ class EventLoop(Process):
 
     def _selector_made(self, selector: selectors.BaseSelector) -> None:
         """Register what must be watched from the start (a Control's listener)."""
-
-    def _next_deadline(self) -> float | None:
-        """The earliest moment a subclass needs the loop awake, if any."""
-        return None
-
-    def _after_events(self, now: float) -> None:
-        """Per-step bookkeeping of a subclass, after the events were dispatched."""
 
     def shutdown(self, details: dict | str | None = None) -> None:
         """Leave the main loop, releasing what the loop itself holds."""
@@ -167,7 +160,6 @@ class EventLoop(Process):
         now = time.monotonic()
         if events:
             self._last_activity = now
-        self._after_events(now)
         if self._timers and self._timers[0][0] <= now:
             self._run_due_timers(now)
         if self._terminating and self.keep_going:
@@ -184,28 +176,39 @@ class EventLoop(Process):
         return self._selector
 
     def _wait_time(self, timeout: float | None) -> float | None:
-        now = time.monotonic()
-        limits = [] if timeout is None else [timeout]
+        """How long the selector may wait: until the first timer, the idle hook or
+        ``timeout``, whichever comes first; not at all with work from threads queued."""
         if self._from_threads:
-            limits.append(0.0)
-        if self._timers:
-            limits.append(self._timers[0][0] - now)
-        deadline = self._next_deadline()
-        if deadline is not None:
-            limits.append(deadline - now)
+            return 0.0
+        timers = self._timers
+        while timers and timers[0][2] is None:
+            heapq.heappop(timers)  # cancelled
+        soonest = timers[0][0] if timers else None
         if self.interval is not None:
-            limits.append(self._last_activity + self.interval - now)
-        return max(0.0, min(limits)) if limits else None
+            idle_at = self._last_activity + self.interval
+            soonest = idle_at if soonest is None else min(soonest, idle_at)
+        if soonest is None:
+            return timeout
+        wait = max(0.0, soonest - time.monotonic())
+        return wait if timeout is None else min(wait, timeout)
 
-    def call_later(self, delay: float, function: Callable[[], Any]) -> None:
-        """Run ``function`` from the loop after ``delay`` seconds (never earlier)."""
-        deadline = time.monotonic() + delay
-        heapq.heappush(self._timers, (deadline, next(self._timer_order), function))
+    def call_later(self, delay: float, function: Callable[[], Any]) -> list:
+        """Run ``function`` from the loop after ``delay`` seconds (never earlier); the
+        returned handle can be given to ``cancel``."""
+        timer = [time.monotonic() + delay, next(self._timer_order), function]
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    @staticmethod
+    def cancel(timer: list) -> None:
+        """Forget a ``call_later`` that has not run yet (it leaves the heap lazily)."""
+        timer[2] = None
 
     def _run_due_timers(self, now: float) -> None:
         while self._timers and self._timers[0][0] <= now and self.keep_going:
-            _, _, function = heapq.heappop(self._timers)
-            self._call_hook(function)
+            function = heapq.heappop(self._timers)[2]
+            if function is not None:
+                self._call_hook(function)
 
     def _call_hook(self, hook: Callable, *args: Any) -> None:
         """Run a subclass hook; its failure is logged and never stops the service."""

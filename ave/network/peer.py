@@ -52,7 +52,7 @@ class Peer:
     """One connection and everything the loop knows about it."""
 
     __slots__ = ('connection', 'fd', 'state', 'writing', 'parked', 'registered_events',
-                 'nonce', 'deadline', 'credentials', 'address_key', 'buffered',
+                 'nonce', 'deadline', 'expiry', 'credentials', 'address_key', 'buffered',
                  'reply_is_async')
 
     def __init__(self, connection: Connection, state: str) -> None:
@@ -64,6 +64,7 @@ class Peer:
         self.registered_events = 0          # what the selector watches now (0: nothing)
         self.nonce = b''
         self.deadline = 0.0
+        self.expiry: list | None = None      # the loop's timer that ends the handshake
         self.credentials: Credentials = ANONYMOUS
         self.address_key: str | None = None  # counted against the per-address cap
         self.buffered = 0                    # input bytes counted in the global total

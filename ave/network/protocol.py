@@ -29,7 +29,7 @@ import hmac
 import json
 import secrets
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 from ave.exceptions import AuthError, AveException, details_of, exception_factory
 
@@ -70,14 +70,9 @@ class Credentials:
 ANONYMOUS = Credentials()
 
 
-class Request(NamedTuple):
-    """A checked request (a tuple: made once per call, so made cheaply)."""
-
-    method: str
-    resource: dict | None
-    vargs: list
-    kwargs: dict
-    is_async: bool
+#: A checked request: method, resource (None: the service itself), vargs, kwargs, and
+#: whether it is one-way. A plain tuple: one is made per call, so it is made cheaply.
+Request = tuple[str, 'dict | None', list, dict, bool]
 
 
 # -- the handshake ----------------------------------------------------------------------
@@ -156,17 +151,19 @@ def parse_request(payload: bytes) -> Request:
         request = json.loads(payload)
     except (ValueError, RecursionError) as error:
         raise MalformedRequest(f'malformed request: {error}') from None
-    if not isinstance(request, dict):
+    if type(request) is not dict:
         raise MalformedRequest('malformed request: expected a JSON object')
     params = request.get('params')
-    vargs = params.get('vargs', []) if isinstance(params, dict) else None
-    kwargs = params.get('kwargs', {}) if isinstance(params, dict) else None
-    method, resource = request.get('method'), request.get('resource')
-    is_async = request.get('async', False)
-    if (type(method) is str and method and type(vargs) is list and type(kwargs) is dict
-            and (resource is None or type(resource) is dict) and type(is_async) is bool):
-        return Request(method, resource, vargs, kwargs, is_async)
-    raise MalformedRequest(f'malformed request: {_defect(request)}', is_async is True)
+    if type(params) is dict:
+        method, vargs, kwargs = request.get('method'), params.get('vargs', []), \
+            params.get('kwargs', {})
+        resource, is_async = request.get('resource'), request.get('async', False)
+        if (type(method) is str and method and type(vargs) is list
+                and type(kwargs) is dict and (resource is None or type(resource) is dict)
+                and (is_async is False or is_async is True)):
+            return method, resource, vargs, kwargs, is_async
+    raise MalformedRequest(f'malformed request: {_defect(request)}',
+                           request.get('async') is True)
 
 
 def _defect(request: dict) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+from ave.exceptions import AuthError
 from ave.network import protocol
 from ave.network.connection import Connection
 from ave.network.peer import Peer
@@ -45,6 +46,15 @@ def preauth(*accounts: str) -> Callable[[Callable], Callable]:
         function.ave_preauth = tuple(accounts)  # type: ignore[attr-defined]
         return function
     return mark
+
+
+def authorize_accounts(accounts: tuple[str, ...], method: str, peer: Peer,
+                       alt_keys: dict) -> None:
+    """AuthError unless ``peer`` proved one of the ``accounts`` that have a key (an
+    RPC marked ``preauth``); with none of them keyed, everyone may call."""
+    keyed = {name for name in accounts if alt_keys.get(name)}
+    if keyed and not keyed & peer.accounts:
+        raise AuthError(f'{method}() requires the key of {" or ".join(sorted(keyed))}')
 
 
 class Reply:

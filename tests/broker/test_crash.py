@@ -149,7 +149,7 @@ def test_a_killed_broker_fails_no_call_and_its_job_carries_on(crash_lab, jobs, t
     stop.write_text('stop')
     report = json.loads(holder.stdout.readline())
     assert report['failures'] == 0, f'calls failed across the crash: {report["errors"]}'
-    assert report['calls'] > 50
+    assert report['calls'] > 10, f'the job\'s calls stalled: {report}'  # ~30 ms each
     assert time.monotonic() - started < 5, \
         'the same Broker object must allocate and yield within 5 s of the new broker'
     assert report['held'] == ['relay', 'workspace']

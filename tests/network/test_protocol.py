@@ -65,8 +65,8 @@ def test_a_request_survives_encoding_and_parsing():
     frame = protocol.encode_request('run', {'type': 'workspace', 'uid': 'w'},
                                     ('ls',), {'timeout': 3}, False)
     request = protocol.parse_request(frame.encode())
-    assert request == protocol.Request('run', {'type': 'workspace', 'uid': 'w'},
-                                       ['ls'], {'timeout': 3}, False)
+    assert request == ('run', {'type': 'workspace', 'uid': 'w'}, ['ls'], {'timeout': 3},
+                       False)
 
 
 @pytest.mark.parametrize('request_, field', [
