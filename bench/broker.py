@@ -9,16 +9,30 @@ many short jobs lives or dies by how many such cycles per second a broker sustai
 and by how long a brand-new job waits for its first piece of equipment (that first
 ``get`` forks the job's session). Measured here, each client in a process of its own:
 
-* cycle = ``r = b.get(profile)``, one call on ``r`` (answered by the session),
-  ``b.yield_resources(r)``: for a relay from a pool of eight (its reset runs the
-  circuit commands, ``true`` here, through ``ave.cmd`` on allocation and on release:
-  part of the real cost) and for a workspace (a directory made and deleted);
-  from one client, then from eight clients competing for the same pool. A ``get``
-  answered Busy is retried and counted, not counted as a cycle.
-* first allocation = new ``Broker``, ``get``, first call on the resource returns.
+* cycle = ``r = b.get(profile, wait=CYCLE_WAIT)``, one call on ``r`` (answered by
+  the session), ``b.yield_resources(r)``: for a relay from a pool of eight (its reset
+  runs the circuit commands, ``true`` here, through ``ave.cmd`` on release, part of
+  the real cost; on allocation only after a release that did not finish cleanly)
+  and for a workspace (a directory made and deleted); from one client, then from
+  eight clients competing for the same pool.
+  The ``get`` waits its turn in the broker's queue, as a real job does; a get that
+  still ends in Busy is retried and counted, not counted as a cycle.
+* first allocation = new ``Broker``, ``get``, first call on the resource returns: new
+  clients one after another, each ``Plan.arrival_gap`` (20 ms) after the last left, as jobs
+  arrive in a lab; and the same back to back (no gap), which measures how fast a
+  lab absorbs a stream of new jobs rather than how long one waits: there the work a
+  departed client leaves (its session ending, the relay's reset, AVE's next spare
+  session) overlaps the next client's measurement, while labgrid's client releases
+  synchronously, before its next measurement starts.
 * labgrid = acquire + release of a place through its Python client API (what
   ``labgrid-client acquire`` calls, without the process start), eight clients
   competing for eight places; its first allocation is a new client session + acquire.
+  labgrid has no queue: a client that finds no idle place asks again at once.
+* labgrid + reset: the same, with the relay's reset done the way a labgrid job would
+  do it, in the client: ``subprocess.run(['true'])`` before the release, as often as
+  AVE resets (the place stays taken while it is reset, as a relay being reset is not
+  handed out by AVE either); in its first allocation the reset is after the timed
+  part, as AVE's is. This is the like-for-like baseline of the relay rows.
 
 The broker is a ``BrokerServer`` forked here (no daemon, no configuration files) on
 127.0.0.1; the coordinator is the ``labgrid-coordinator`` command on 127.0.0.1. Every
@@ -65,6 +79,8 @@ PROFILES = {'relay': {'type': 'relay'}, 'workspace': {'type': 'workspace'}}
 STOP_TIMEOUT = 10.0
 START_TIMEOUT = 30.0
 REPORT_MARGIN = 30.0        # a client reports this long after its work should be done
+CYCLE_WAIT = 10.0           # seconds a cycle's get waits in the queue before Busy
+RESET_COMMAND = ['true']    # what a relay's circuits run here, on reset
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,7 @@ class Plan:
     warmup_cycles: int = 20
     new_clients: int = 50
     new_client_seconds: float = 30.0
+    arrival_gap: float = 0.02
     cmd_calls: int = 200
     lifetime: float = 600.0
 
@@ -241,9 +258,10 @@ def stop_broker(server: BenchBroker) -> None:
 
 
 def ave_cycle(broker: Broker, profile: dict) -> bool:
-    """get, one call on the resource (served by the session), give it back."""
+    """get (waiting its turn), one call on the resource (served by the session), give
+    it back."""
     try:
-        resource = broker.get(profile)
+        resource = broker.get(profile, wait=CYCLE_WAIT)
     except Busy:
         return False
     with resource:
@@ -263,8 +281,9 @@ def ave_cycles(index: int, start: Callable[[], None], plan: Plan,
 
 
 def ave_first_allocations(index: int, start: Callable[[], None], plan: Plan,
-                          address: tuple[str, int], profile: dict) -> dict:
-    """New clients one after another: time from a new Broker to the first call's answer."""
+                          address: tuple[str, int], profile: dict, gap: float) -> dict:
+    """New clients one after another, ``gap`` seconds apart: time from a new Broker to
+    the first call's answer."""
     start()
     samples: list[float] = []
     busy = 0
@@ -280,6 +299,7 @@ def ave_first_allocations(index: int, start: Callable[[], None], plan: Plan,
             with resource:
                 resource.get_profile()
                 samples.append(time.perf_counter() - began)
+        time.sleep(gap)
     return {'samples': samples, 'busy': busy}
 
 
@@ -425,24 +445,33 @@ def labgrid_create(index: int, start: Callable[[], None], plan: Plan, address: s
     return {}
 
 
-def labgrid_cycle(client: LabgridClient, first: int) -> bool:
-    """Acquire an idle place of the pool and release it (the AVE cycle's counterpart)."""
+def reset_relay() -> None:
+    """A relay reset as a labgrid job would run it: the circuit command, in the client."""
+    subprocess.run(RESET_COMMAND, check=True)
+
+
+def labgrid_cycle(client: LabgridClient, first: int, reset: bool) -> bool:
+    """Acquire an idle place of the pool and release it (the AVE cycle's counterpart);
+    with ``reset``, reset the relay before releasing it."""
     place = client.idle_place(first)
     if place is None:
         client.catch_up()
         return False
     if not client.acquire(place):
         return False
+    if reset:
+        reset_relay()
     client.release(place)
     return True
 
 
-def labgrid_cycles(index: int, start: Callable[[], None], plan: Plan, address: str) -> dict:
+def labgrid_cycles(index: int, start: Callable[[], None], plan: Plan, address: str,
+                   reset: bool) -> dict:
     """One client. labgrid has no pool: a client names the place it wants. Each client
     here looks for an idle one starting from a place of its own, which spares labgrid
     most collisions with the others."""
     client = LabgridClient(address, f'bench{index}')
-    cycle = partial(labgrid_cycle, client, index)
+    cycle = partial(labgrid_cycle, client, index, reset)
     timed_loop(cycle, plan.warmup_seconds, plan.warmup_cycles)
     start()
     result = timed_loop(cycle, plan.seconds, plan.max_cycles)
@@ -451,8 +480,10 @@ def labgrid_cycles(index: int, start: Callable[[], None], plan: Plan, address: s
 
 
 def labgrid_first_allocations(index: int, start: Callable[[], None], plan: Plan,
-                              address: str) -> dict:
-    """New client sessions one after another: time from nothing to an acquired place."""
+                              address: str, reset: bool, gap: float) -> dict:
+    """New client sessions one after another, ``gap`` seconds apart: time from nothing
+    to an acquired place (with ``reset``, the relay is reset after that, before it is
+    released)."""
     place = place_names()[0]
     LabgridClient(address, 'bench-warmup').close()  # import and first connect untimed
     start()
@@ -464,14 +495,20 @@ def labgrid_first_allocations(index: int, start: Callable[[], None], plan: Plan,
         client = LabgridClient(address, 'bench-new')
         if client.acquire(place):
             samples.append(time.perf_counter() - began)
+            if reset:
+                reset_relay()
             client.release(place)
         else:
             busy += 1
         client.close()
+        time.sleep(gap)
     return {'samples': samples, 'busy': busy}
 
 
 # -- rounds ------------------------------------------------------------------------
+
+LABGRID = {'labgrid': False, 'labgrid+reset': True}  # baselines: reset in the client?
+
 
 class Step(NamedTuple):
     """One measurement of one round; ``run`` returns the clients' reports."""
@@ -485,16 +522,20 @@ def round_steps(children: Children, plan: Plan, ave: tuple[str, int],
     """A round's measurements, labgrid's next to AVE's so a noisy spell hits both."""
     steps = []
     for count in (1, CLIENTS):
-        steps.append(Step(f'labgrid x{count}', 'labgrid', partial(
-            run_clients, children, plan, count, labgrid_cycles, labgrid)))
+        for baseline, reset in LABGRID.items():
+            steps.append(Step(f'{baseline} x{count}', 'labgrid', partial(
+                run_clients, children, plan, count, labgrid_cycles, labgrid, reset)))
         for name, profile in PROFILES.items():
             steps.append(Step(f'{name} x{count}', 'ave', partial(
                 run_clients, children, plan, count, ave_cycles, ave, profile)))
-    steps.append(Step('labgrid first', 'labgrid', partial(
-        run_clients, children, plan, 1, labgrid_first_allocations, labgrid)))
-    for name, profile in PROFILES.items():
-        steps.append(Step(f'{name} first', 'ave', partial(
-            run_clients, children, plan, 1, ave_first_allocations, ave, profile)))
+    for arrival, gap in (('first', plan.arrival_gap), ('back to back', 0.0)):
+        for baseline, reset in LABGRID.items():
+            steps.append(Step(f'{baseline} {arrival}', 'labgrid', partial(
+                run_clients, children, plan, 1, labgrid_first_allocations, labgrid, reset,
+                gap)))
+        for name, profile in PROFILES.items():
+            steps.append(Step(f'{name} {arrival}', 'ave', partial(
+                run_clients, children, plan, 1, ave_first_allocations, ave, profile, gap)))
     steps.append(Step('cmd', 'ave', partial(measure_cmd, plan)))
     return steps
 
@@ -538,23 +579,33 @@ def latency(rounds: list[list[dict]]) -> Latency:
 
 # -- the table ---------------------------------------------------------------------
 
-def rate_row(what: str, ave: Rate, labgrid: Rate | None) -> list[str]:
-    return [what, 'cycles/s', f'{ave.per_second:,.0f}',
-            'n/a' if labgrid is None else f'{labgrid.per_second:,.0f}',
-            _ratio(ave.per_second, labgrid and labgrid.per_second),
-            _busy(ave.busy, ave.cycles, labgrid and (labgrid.busy, labgrid.cycles))]
+def rate_row(what: str, ave: Rate, baselines: list[Rate | None]) -> list[str]:
+    """AVE's rate, then each baseline's with AVE's ratio to it (None: not measured)."""
+    cells = [what, 'cycles/s', f'{ave.per_second:,.0f}']
+    for theirs in baselines:
+        cells += ['n/a' if theirs is None else f'{theirs.per_second:,.0f}',
+                  _ratio(ave.per_second, theirs and theirs.per_second)]
+    return _padded(cells) + [_busy((ave.busy, ave.cycles),
+                                   [t and (t.busy, t.cycles) for t in baselines])]
 
 
-def latency_rows(what: str, ave: Latency, labgrid: Latency | None) -> list[list[str]]:
+def latency_rows(what: str, ave: Latency, baselines: list[Latency | None]) -> list[list[str]]:
     rows = []
-    for label, mine, theirs in (('p50', ave.p50, labgrid and labgrid.p50),
-                                ('p99', ave.p99, labgrid and labgrid.p99)):
-        # Faster means less time here: their time over ours.
-        rows.append([f'{what}, {label}', 'ms', f'{mine * 1000:.2f}',
-                     'n/a' if theirs is None else f'{theirs * 1000:.2f}',
-                     _ratio(theirs, mine),
-                     _busy(ave.busy, ave.count, labgrid and (labgrid.busy, labgrid.count))])
+    for label in ('p50', 'p99'):
+        mine = getattr(ave, label)
+        cells = [f'{what}, {label}', 'ms', f'{mine * 1000:.2f}']
+        for theirs in baselines:
+            taken = None if theirs is None else getattr(theirs, label)
+            # Faster means less time here: their time over ours.
+            cells += ['n/a' if taken is None else f'{taken * 1000:.2f}', _ratio(taken, mine)]
+        rows.append(_padded(cells) + [_busy((ave.busy, ave.count),
+                                            [t and (t.busy, t.count) for t in baselines])])
     return rows
+
+
+def _padded(cells: list[str]) -> list[str]:
+    """Blank cells for the baselines a row has no counterpart in (the last ones)."""
+    return cells + [''] * (3 + 2 * len(LABGRID) - len(cells))
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> str:
@@ -563,17 +614,21 @@ def _ratio(numerator: float | None, denominator: float | None) -> str:
     return f'{numerator / denominator:.2f}x'
 
 
-def _busy(busy: int, done: int, theirs: tuple[int, int] | None) -> str:
-    """Busy answers per 100 completed cycles (or new clients), AVE / labgrid."""
-    mine = f'{100 * busy / max(done, 1):.1f}'
-    if theirs is None:
-        return mine
-    return f'{mine} / {100 * theirs[0] / max(theirs[1], 1):.1f}'
+def _busy(mine: tuple[int, int], theirs: list[tuple[int, int] | None]) -> str:
+    """Busy answers per 100 completed cycles (or new clients): AVE's, then those of
+    the baselines that were measured."""
+    return ' / '.join(f'{100 * busy / max(done, 1):.1f}'
+                      for busy, done in [mine, *(t for t in theirs if t is not None)])
 
 
 def table_rows(results: dict[str, list[list[dict]]]) -> list[list[str]]:
-    def theirs(name: str, aggregate: Callable) -> Any:
-        return aggregate(results[name]) if name in results else None
+    def baselines(suffix: str, aggregate: Callable, relay: bool) -> list:
+        """labgrid's figure; for a relay row also labgrid + reset's, its like for like
+        (a workspace has no reset command to compare)."""
+        names = list(LABGRID) if relay else [name for name, reset in LABGRID.items()
+                                             if not reset]
+        return [aggregate(results[name + suffix]) if name + suffix in results else None
+                for name in names]
 
     rows = []
     for count, label in ((1, '1 client'), (CLIENTS, f'{CLIENTS} clients')):
@@ -581,32 +636,41 @@ def table_rows(results: dict[str, list[list[dict]]]) -> list[list[str]]:
             pool = f', pool of {POOL}' if name == 'relay' and count > 1 else ''
             rows.append(rate_row(f'{name} cycle, {label}{pool}',
                                  rate(results[f'{name} x{count}']),
-                                 theirs(f'labgrid x{count}', rate)))
-    for name in PROFILES:
-        rows += latency_rows(f'first allocation, {name}', latency(results[f'{name} first']),
-                             theirs('labgrid first', latency))
+                                 baselines(f' x{count}', rate, name == 'relay')))
+    for arrival, label in (('first', 'first allocation'),
+                           ('back to back', 'new clients back to back')):
+        for name in PROFILES:
+            rows += latency_rows(f'{label}, {name}', latency(results[f'{name} {arrival}']),
+                                 baselines(f' {arrival}', latency, name == 'relay'))
     command = latency(results['cmd'])
-    rows.append(["ave.cmd.run(['true']), p50", 'ms', f'{command.p50 * 1000:.2f}',
-                 '', '', ''])
+    rows.append(_padded(["ave.cmd.run(['true']), p50", 'ms', f'{command.p50 * 1000:.2f}'])
+                + [''])
     return rows
 
 
 NOTES = """\
-AVE cycle: get + get_profile() on the resource + yield_resources; labgrid cycle: acquire +
-release of an idle place through its Python client API (no process start). Rates: the
-median of the rounds; latencies: p50/p99 of every round's samples. "AVE vs labgrid" above
-1.00x means AVE is faster (rates: AVE / labgrid; latencies: labgrid time / AVE time).
-Busy/100: Busy answers (labgrid: acquires lost to another client) per 100 completed
-cycles or new clients; they are retried at once and are not cycles. First allocation:
-new Broker + get + first call returns (labgrid: new client session + acquire). A relay
-cycle runs ave.cmd.run twice in the session (reset when allocated and when released).
+AVE cycle: get (waiting in the queue) + get_profile() on the resource + yield_resources;
+labgrid cycle: acquire + release of an idle place through its Python client API (no
+process start); labgrid+reset: the same with subprocess.run(['true']) before the release
+(in a first allocation after the timed part), the like-for-like baseline of the relay
+rows. Rates: the median of the rounds; latencies: p50/p99 of every round's samples.
+"AVE vs ..." above 1.00x means AVE is faster (rates: AVE / baseline; latencies: baseline
+time / AVE time). Busy/100: Busy answers (labgrid: acquires lost to another client, or
+no idle place seen) per 100 completed cycles or new clients, AVE / labgrid /
+labgrid+reset; they are retried at once and are not cycles. First allocation: new Broker
++ get + first call returns (labgrid: new client session + acquire), new clients 20 ms
+apart; back to back: the same without the gap (how fast new jobs are absorbed; AVE's
+cleanup after a client overlaps the next one, labgrid's release is synchronous and
+untimed). A relay cycle runs
+ave.cmd.run once in the session (the reset on release; a relay released cleanly is not
+reset again when allocated).
 labgrid-coordinator runs as shipped, in the asyncio debug mode its main() switches on."""
 
 
 def report(plan: Plan, results: dict[str, list[list[dict]]], problem: str | None,
            version: str | None) -> str:
-    header = ['measurement', 'unit', 'AVE', 'labgrid', 'AVE vs labgrid',
-              'Busy/100 AVE / lg']
+    header = ['measurement', 'unit', 'AVE', 'labgrid', 'AVE vs labgrid', 'labgrid+reset',
+              'AVE vs lg+reset', 'Busy/100']
     lines = [f'Broker benchmark: Python {platform.python_version()}, {os.cpu_count()} '
              f'CPUs (load average {os.getloadavg()[0]:.1f} at the end), labgrid '
              f'{version or "n/a"}; {plan.rounds} round(s), each rate {plan.seconds:g} s '

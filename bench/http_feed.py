@@ -77,7 +77,7 @@ def equipment(now: float) -> list[tuple]:
                    'serial': f'CB5A{index:06}', 'platform': 'android',
                    'power_state': 'boot_completed', 'host': f'host-{index % 10}'}
         rows.append((profile, f'item-{index}', profile['host'],
-                     feed.state_of(held, False, True, 'boot_completed'),
+                     'held' if held else 'available',
                      HOLDER if held else None, now - index if held else None))
     return rows
 

@@ -28,13 +28,16 @@ import time
 import weakref
 from typing import Any, Mapping
 
-import ave.broker.exceptions  # noqa: F401 (Busy, NoSuch, ... arrive typed without the job importing them)
+# Importing the module also makes every broker error arrive typed, without the job
+# importing it.
+from ave.broker.exceptions import Busy, NoSuch
+from ave.broker.queue import RESET_PATIENCE
 from ave.config import load_broker_config, resolve_home
 from ave.equipment import load_types
 from ave.exceptions import AveException
 from ave.network.connection import BlockingConnection
 from ave.network.exceptions import ConnectionClosed, ConnectionException, ConnectionRefused
-from ave.network.remote import RemoteControl
+from ave.network.remote import ClientConnection, ConnectionPool, RemoteControl
 
 DEFAULT_TIMEOUT = 5.0
 #: Seconds between attempts to reach a broker that went away. A broker restarted
@@ -47,6 +50,8 @@ RESUME_PATIENCE = 75.0
 #: How often the watcher looks up from waiting for a hang-up, to follow a new
 #: connection or notice that its ``Broker`` object was dropped.
 WATCH_TICK = 0.5
+#: Sessions whose connections a client keeps for reuse (it has one per host it uses).
+MAX_POOLS = 16
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +108,15 @@ class ResourceProxy(RemoteControl):
     Calls wait as long as the resource works (a workspace command may run for an
     hour); only connecting is bounded by the broker client's timeout. A session's
     listening socket exists before the session runs, so a refused connection means
-    the session is gone: no retrying.
+    the session is gone: no retrying. The proxies of one session share the
+    connections of its ``pool`` (the ``Broker`` keeps it), so a proxy may be used
+    from several threads at once and a new proxy costs no new connection.
     """
 
     def __init__(self, address: tuple[str, int], authkey: str, profile: dict,
-                 timeout: float | None) -> None:
+                 timeout: float | None, pool: ConnectionPool | None = None) -> None:
         super().__init__(address, authkey, timeout, optimist=False, resource=profile,
-                         reply_timeout=None)
+                         reply_timeout=None, pool=pool)
 
     @property
     def profile(self) -> dict:
@@ -157,13 +164,14 @@ class Broker(RemoteControl):
         self._lock = threading.RLock()
         self._token: str | None = None
         self._watcher: threading.Thread | None = None
+        self._pools: dict[tuple[str, int, str], ConnectionPool] = {}  # see _pool_of
         _import_equipment()
 
     def _call(self, method: str, vargs: tuple, kwargs: dict, *args: Any) -> Any:
         with self._lock:
             return super()._call(method, vargs, kwargs, *args)
 
-    def _connect(self) -> BlockingConnection:
+    def _connect(self) -> ClientConnection:
         if self._connection is None and self._token is not None:
             return self._reconnect(self._timeout)
         try:
@@ -174,7 +182,7 @@ class Broker(RemoteControl):
                 f'no broker listens on {host}:{port}: start one with ave-broker --start, '
                 f'or check the address ({self._address_origin})') from None
 
-    def _reconnect(self, patience: float | None) -> BlockingConnection:
+    def _reconnect(self, patience: float | None) -> ClientConnection:
         """Reach the broker again after it went away, and resume (``_connected``).
 
         Tries every RECONNECT_INTERVAL seconds for up to ``patience`` seconds (None:
@@ -233,6 +241,12 @@ class Broker(RemoteControl):
         with self._lock:
             self._token = None
             self._disconnect()
+            self._close_pools()
+
+    def _close_pools(self) -> None:
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            pool.close()
 
     def get(self, *profiles: dict | tuple, wait: float | None = 0,
             priority: int = 0) -> ResourceProxy | tuple[ResourceProxy, ...]:
@@ -240,7 +254,9 @@ class Broker(RemoteControl):
 
         A tuple of profiles must be satisfied from one stack. ``get(a, (b, c))``
         returns three proxies. ``wait`` is how many seconds to wait while the
-        equipment is held by others (None: as long as it takes); ``priority`` puts
+        equipment is held by others (None: as long as it takes); equipment that is
+        only being reset is waited for even with 0, up to RESET_PATIENCE seconds (it
+        is about to be free, where Busy would cost the session); ``priority`` puts
         the request ahead of lower ones. On Busy or NoSuch everything this client
         held is released (its earlier proxies stop working) and the exception is
         raised.
@@ -255,6 +271,10 @@ class Broker(RemoteControl):
         try:
             reply = self._call('get', tuple(_wire(p) for p in profiles), kwargs,
                                self._wait_bound(wait))
+        except (Busy, NoSuch):
+            with self._lock:
+                self._close_pools()  # the broker closed this client's sessions
+            raise
         except ConnectionClosed as error:
             raise ConnectionClosed(
                 f'lost the broker while waiting for the answer to get() ({error}); it '
@@ -271,8 +291,22 @@ class Broker(RemoteControl):
     def _proxy(self, granted: dict) -> ResourceProxy:
         """A proxy for one granted resource; its session may be on another host."""
         host, port = granted['session']
-        return ResourceProxy((host or self._address[0], port), granted['authkey'],
-                             granted['profile'], self._timeout)
+        address = (host or self._address[0], port)
+        return ResourceProxy(address, granted['authkey'], granted['profile'],
+                             self._timeout, self._pool_of(address, granted['authkey']))
+
+    def _pool_of(self, address: tuple[str, int], authkey: str) -> ConnectionPool:
+        """The connections to one session, shared by its proxies. Only the most
+        recently used MAX_POOLS sessions keep theirs (an older one has usually
+        ended); the proxies of an evicted pool go on working, each call on a
+        connection of its own."""
+        key = (*address, authkey)
+        with self._lock:
+            pool = self._pools.pop(key, None) or ConnectionPool()
+            self._pools[key] = pool  # last in the order: the most recently used
+            while len(self._pools) > MAX_POOLS:
+                self._pools.pop(next(iter(self._pools))).close()
+        return pool
 
     def _watch(self) -> None:
         """Start the thread that resumes this client after a broker crash."""
@@ -282,10 +316,11 @@ class Broker(RemoteControl):
             self._watcher.start()
 
     def _wait_bound(self, wait: float | None) -> float | None:
-        """How long the reply to a get may take: the wait, plus the usual bound."""
+        """How long the reply to a get may take: the wait (one that does not wait may
+        still wait RESET_PATIENCE for items being reset), plus the usual bound."""
         if wait is None or self._reply_timeout is None:
             return None
-        return self._reply_timeout + wait
+        return self._reply_timeout + (wait or RESET_PATIENCE)
 
     def yield_resources(self, *resources: ResourceProxy | dict) -> None:
         """Give some equipment back before the job ends."""

@@ -388,6 +388,7 @@ class BrokerServer(Control):
         self.adopter.arm_placeholders()
         self._start_lister()
         self.status_page.start()
+        self.keeper.replenish()
 
     def _gather_orphans(self) -> None:
         """Adopt the sessions a crashed broker left, before any client is served:
@@ -479,6 +480,7 @@ class BrokerServer(Control):
             if self.lab is not None:
                 self.lab.leave()
             self._end_sessions()
+            self.keeper.drop_spare()
             self.adopter.close()
         super().shutdown(details)
 

@@ -18,6 +18,10 @@ broker of its home every ``RETRY_INTERVAL`` seconds (``ave.broker.rendezvous``) 
 presents itself there; adopted, it carries on with the new broker as its link. If no
 broker adopts it within ``crash_grace`` seconds it tears down and ends as if its
 client had left. SIGTERM still means: tear down and end now.
+
+A session may be forked as the broker's *spare* before any client needs it
+(``ave.broker.sessions``): it is called ``SPARE_PROC_NAME`` and serves nobody until the
+broker's ``assigned`` names its client, which comes before any resource.
 """
 from __future__ import annotations
 
@@ -51,6 +55,11 @@ CALL_DRAIN_TIMEOUT = 2.0
 #: earlier (a relay reset under way). One that takes longer is killed and left to the
 #: broker, which reclaims what a session ended without reporting released.
 RELEASE_DRAIN_TIMEOUT = 20.0
+
+#: Process names: a session's, and a spare's until it is assigned (the kernel keeps
+#: 15 characters, so the two still differ there).
+SESSION_PROC_NAME = 'ave-broker-session'
+SPARE_PROC_NAME = 'ave-broker-spare'
 
 
 class Hosted:
@@ -147,9 +156,10 @@ class Session(Control):
                  broker_socket: socketlib.socket, types: dict[str, EquipmentType],
                  home: str, logging: bool = False,
                  isolated: bool = False, hidden: tuple[str, ...] = (),
-                 crash_grace: float = 0.0, client: dict | None = None) -> None:
-        super().__init__(0, authkey=authkey, socket=listener, home=home,
-                         proc_name='ave-broker-session', logging=logging)
+                 crash_grace: float = 0.0, client: dict | None = None,
+                 spare: bool = False) -> None:
+        super().__init__(0, authkey=authkey, socket=listener, home=home, logging=logging,
+                         proc_name=SPARE_PROC_NAME if spare else SESSION_PROC_NAME)
         self.broker = Connection(('broker', 0), broker_socket)
         self.types = types
         self.hosted: dict[Key, Hosted] = {}
@@ -161,6 +171,7 @@ class Session(Control):
         self.client_identity: dict = client.get('identity') or {}
         self.client_token: str | None = client.get('token')
         self.orphaned_at: float | None = None  # monotonic time the broker was lost
+        self.spare = spare
         self.ending = False  # tearing down for good: a broker that leaves now is expected
         self._marker = -1
 
@@ -176,13 +187,20 @@ class Session(Control):
         # Commands of this client's jobs see its own equipment and nothing else.
         sandbox.install(sandbox.Sandbox(self.isolated, self.hidden))
         self.add_connection(self.broker, self.authkey)
-        if self.crash_grace > 0:
-            try:
-                self._marker = rendezvous.hold_marker(self.home)
-            except OSError as error:
-                log.warning('cannot open %s (%s): a broker started after a crash will '
-                            'not wait for this session', rendezvous.marker_path(self.home),
-                            error)
+        self._hold_marker()
+        if self.spare:  # start the worker thread now, not on the first client's time
+            self.run_in_thread(lambda: None, _Then(lambda _: None, self._log_failure))
+
+    def _hold_marker(self) -> None:
+        """A session that may outlive its broker lets the next broker know it exists."""
+        if self.crash_grace <= 0 or self._marker >= 0:
+            return
+        try:
+            self._marker = rendezvous.hold_marker(self.home)
+        except OSError as error:
+            log.warning('cannot open %s (%s): a broker started after a crash will '
+                        'not wait for this session', rendezvous.marker_path(self.home),
+                        error)
 
     # -- the broker's side -------------------------------------------------------------
 
@@ -202,6 +220,21 @@ class Session(Control):
         hosted = self.hosted[key] = Hosted(key, dict(profile), resource)
         self.run_in_thread(lambda: hosted.set_up(tainted),
                            _Then(lambda _: None, self._log_failure))
+
+    @Control.rpc
+    def assigned(self, client: Any, crash_grace: Any = 0.0) -> None:
+        """A spare becomes the session of ``client`` (its identity and resume-token
+        digest, or None for a lab's job from another host), outliving a crash of its
+        broker for ``crash_grace`` seconds (one-way, broker only)."""
+        self._require_broker()
+        client = client if isinstance(client, dict) else {}
+        self.client_identity = client.get('identity') or {}
+        self.client_token = client.get('token')
+        self.crash_grace = _grace_or(crash_grace, self.crash_grace)
+        self.spare = False
+        self.proc_name = SESSION_PROC_NAME
+        self.perform_prctl()
+        self._hold_marker()
 
     @Control.rpc
     def remove_resource(self, profile: dict) -> None:
@@ -261,9 +294,7 @@ class Session(Control):
             log.info('adopted by the broker of %s after %.1f s on our own', self.home,
                      time.monotonic() - self.orphaned_at)
         self.orphaned_at = None
-        if isinstance(crash_grace, (int, float)) and not isinstance(crash_grace, bool) \
-                and math.isfinite(crash_grace) and crash_grace >= 0:
-            self.crash_grace = float(crash_grace)
+        self.crash_grace = _grace_or(crash_grace, self.crash_grace)
 
     def _require_broker(self) -> None:
         if self.caller is None or self.caller.connection is not self.broker:
@@ -390,6 +421,14 @@ class Session(Control):
                 self._report_released(hosted.profile, hosted.clean)
         self.releasing.clear()
         sandbox.current().kill()
+
+
+def _grace_or(value: Any, current: float) -> float:
+    """The crash grace the broker sent, if it is a number of seconds; else ``current``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isfinite(value) and value >= 0:
+        return float(value)
+    return current
 
 
 class _ResourceCall:

@@ -59,6 +59,7 @@ def hand_over(server: BrokerServer) -> None:
                     error)
         tx.close()
         return
+    server.keeper.drop_spare()  # the successor makes its own; this one is no session
     try:
         handover.checkpoint('old-connected')
         handover.send(tx, *export_state(server))
@@ -70,6 +71,7 @@ def hand_over(server: BrokerServer) -> None:
             ConnectionClosed) as error:
         log.error('restart handover failed; serving on: %s', error)
         tx.close()
+        server.keeper.replenish()
         return
     log.info('handed everything over to the new broker; exiting')
     server.let_go()

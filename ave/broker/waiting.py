@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any, Callable
 from ave.broker import listing, suggest
 from ave.broker.allocator import Allocator
 from ave.broker.exceptions import Busy, NoSuch
-from ave.broker.queue import WaitQueue, parse_priority, parse_wait
+from ave.broker.queue import RESET_PATIENCE, WaitQueue, parse_priority, parse_wait
 from ave.broker.state import Client
+from ave.exceptions import AveException
 from ave.network.connection import Connection
 from ave.network.rpc import Reply
 
@@ -70,6 +71,8 @@ class Waiting:
             raise NoSuch(with_hint(str(error), request, server.allocator)) from None
         except Busy:
             if wait == 0:
+                wait = self._reset_patience(client, request, now, priority)
+            if wait == 0:
                 message = self._busy(client, request, now, priority)
                 server.end_session(client)
                 raise Busy(message) from None
@@ -89,6 +92,20 @@ class Waiting:
                  'without limit' if wait is None else f'up to {wait:g} s',
                  listing._clipped(request))
         self.schedule()
+
+    def _reset_patience(self, client: Client, request: list, now: float,
+                        priority: int) -> float:
+        """RESET_PATIENCE for a request that lacks only items being reset, from a
+        client that may wait (it holds nothing, and is not waiting); else 0."""
+        allocator = self.server.allocator
+        blockers = self.queue.blockers(allocator, client.holder, request, now, priority)
+        if not blockers or any(blocker.reason != 'releasing' for blocker in blockers):
+            return 0.0
+        try:
+            self.queue.check_may_wait(allocator, client.holder)
+        except AveException:
+            return 0.0
+        return RESET_PATIENCE
 
     def _busy(self, client: Client, request: list, now: float, priority: int) -> str:
         blockers = self.queue.blockers(self.server.allocator, client.holder, request,

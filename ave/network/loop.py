@@ -7,7 +7,6 @@ worker threads. ``Control`` builds the RPC service on top of it.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import heapq
 import itertools
 import logging as logginglib
@@ -17,6 +16,9 @@ import signal
 import socket as socketlib
 import time
 from collections import deque
+# Imported here, not on first use (``concurrent.futures`` loads it lazily): a forked
+# child (a broker's session) then finds it loaded instead of importing it again.
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Protocol
 
 from ave.exceptions import AveException, Exit
@@ -85,7 +87,7 @@ class EventLoop(Process):
         self._last_activity = time.monotonic()
         self._waker: _Waker | None = None
         self._from_threads: deque[Callable[[], Any]] = deque()
-        self._workers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._workers: ThreadPoolExecutor | None = None
         self._terminating = False
         self._handlers: dict[str, Callable[[Any, int], None]] = {
             JOINING: self._on_joining, WAKING: self._on_waking}
@@ -227,7 +229,7 @@ class EventLoop(Process):
         """Run ``function`` in a worker thread; its result or exception goes to
         ``outcome`` on the loop's thread. The loop goes on serving meanwhile."""
         if self._workers is None:
-            self._workers = concurrent.futures.ThreadPoolExecutor(
+            self._workers = ThreadPoolExecutor(
                 MAX_WORKERS, thread_name_prefix=self.proc_name or 'ave-worker')
 
         def work() -> None:
