@@ -27,6 +27,7 @@ import signal
 import socket as socketlib
 from typing import TYPE_CHECKING
 
+from ave import sandbox
 from ave.broker.allocator import Key
 from ave.broker.cgroups import SessionGroups
 from ave.broker.reclaim import Reclaimer
@@ -207,6 +208,8 @@ class SessionKeeper:
         self.groups.ended(pid, self.server.call_later)
         if exit not in (0, None):
             log.warning('session %d ended with status %s', pid, exit)
+        if exit != 0:  # perhaps killed in the middle of a command (None: not our child)
+            sandbox.remove_status_files(pid)
         if record.link is not None and not record.link.closed:
             self.server.remove_connection(record.link)
             record.link.close()

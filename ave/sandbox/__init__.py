@@ -53,7 +53,7 @@ import ave.cmd
 from ave.exceptions import AveException, RunError, Timeout
 
 __all__ = ['MODES', 'Killed', 'Layout', 'Sandbox', 'SandboxUnavailable', 'current',
-           'enabled_for', 'install', 'mount_arguments', 'probe']
+           'enabled_for', 'install', 'mount_arguments', 'probe', 'remove_status_files']
 
 _log = logging.getLogger(__name__)
 
@@ -91,6 +91,10 @@ _LAUNCHER_PATH = os.path.join(os.path.dirname(__file__), 'launcher.py')
 _STATUS_SHELL = ['/bin/sh', '-c', 'exec 3>"$0" && exec "$@"']
 
 _MARKER_PREFIX = 'ave-sandbox-call-'
+
+# Status files are named after the session that made them (followed by its pid), so
+# that those of a session killed in the middle of a command can be found and removed.
+_STATUS_PREFIX = 'ave-sandbox-status-'
 
 # Namespaces and privileges, the same for every command.
 _ISOLATION = ['--unshare-pid', '--unshare-ipc', '--die-with-parent', '--as-pid-1',
@@ -349,7 +353,7 @@ class Sandbox:
 
     def _run(self, call: _Call, cmd: str | list[str], argv: list[str], timeout: float,
              cwd: str, output: _Output) -> tuple[int, str]:
-        status_fd, status_path = tempfile.mkstemp(prefix='ave-sandbox-status-')
+        status_fd, status_path = tempfile.mkstemp(prefix=_status_prefix(os.getpid()))
         try:
             wrapped = [*_STATUS_SHELL, status_path,
                        *self._command_line(call.marker, argv, cwd)]
@@ -415,6 +419,21 @@ def mount_arguments(layout: Layout) -> list[str]:
     for node in layout.devices:
         args += ['--dev-bind-try', node, node]
     return args + ['--proc', '/proc']
+
+
+def remove_status_files(pid: int) -> None:
+    """Delete what status files session ``pid`` left in the temporary directory: a
+    session killed while a sandboxed command ran had no chance to."""
+    prefix = _status_prefix(pid)
+    with contextlib.suppress(OSError), os.scandir(tempfile.gettempdir()) as entries:
+        for entry in entries:
+            if entry.name.startswith(prefix):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def _status_prefix(pid: int) -> str:
+    return f'{_STATUS_PREFIX}{pid}-'
 
 
 _installed = Sandbox(False)

@@ -2,10 +2,12 @@
 hostile or careless test job would try it."""
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -128,6 +130,25 @@ def test_a_killed_session_still_has_its_workspace_deleted_and_relay_reset(lab):
         'the workspace of a killed session stayed on disk'
     assert wait_until(lambda: 'r1' in available(lab), timeout=5)
     assert (lab.state / 'r1.c1').read_text().strip() == 'open', 'the relay was not reset'
+
+
+def test_a_session_killed_inside_a_command_leaves_no_status_file(lab):
+    job = subprocess.Popen([sys.executable, '-c', JOB, str(lab.port)],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        job.stdout.readline()
+        assert wait_until(lambda: any(p.info['cmdline'] == ['sleep', '3600']
+                                      for p in psutil.process_iter(['cmdline'])), 10)
+        session = sessions_of(lab)[0]
+        pattern = os.path.join(tempfile.gettempdir(), f'ave-sandbox-status-{session.pid}-*')
+        assert glob.glob(pattern), 'the running command has no status file'
+        session.send_signal(signal.SIGKILL)
+        assert wait_until(lambda: not glob.glob(pattern), timeout=5), \
+            'a killed session left its status file behind'
+    finally:
+        job.kill()
+        job.wait(10)
+        job.stdout.close()
 
 
 def test_a_start_sweeps_workspaces_no_session_owns(broker_home):
