@@ -325,16 +325,27 @@ def labgrid_version() -> str:
                            '(.venv/bin/pip install labgrid)') from None
 
 
-def start_coordinator(directory: str) -> tuple[subprocess.Popen, str]:
+# labgrid-coordinator's main() with asyncio's debug mode, which it switches on
+# unconditionally, left off: how a coordinator patched for speed would run.
+_COORDINATOR_WITHOUT_DEBUG = (
+    'import asyncio, sys; from labgrid.remote import coordinator; '
+    'set_debug = asyncio.BaseEventLoop.set_debug; '
+    'asyncio.BaseEventLoop.set_debug = lambda loop, enabled: set_debug(loop, False); '
+    'sys.argv[0] = "labgrid-coordinator"; coordinator.main()')
+
+
+def start_coordinator(directory: str, debug: bool = True) -> tuple[subprocess.Popen, str]:
     """``labgrid-coordinator`` on 127.0.0.1 and a port of its choice; returns its address.
 
     Its output goes to a file: it prints every request, and a pipe nobody drains
     would stall it. It runs in ``directory`` because it saves its places there.
+    ``debug`` False runs it without asyncio's debug mode (``--labgrid-without-debug``).
     """
-    command = os.path.join(os.path.dirname(sys.executable), 'labgrid-coordinator')
+    command = [os.path.join(os.path.dirname(sys.executable), 'labgrid-coordinator')] \
+        if debug else [sys.executable, '-c', _COORDINATOR_WITHOUT_DEBUG]
     output = os.path.join(directory, 'coordinator.out')
     with open(output, 'wb') as sink:
-        process = subprocess.Popen([command, '--listen', f'{HOST}:0'], cwd=directory,
+        process = subprocess.Popen([*command, '--listen', f'{HOST}:0'], cwd=directory,
                                    stdin=subprocess.DEVNULL, stdout=sink,
                                    stderr=subprocess.STDOUT,
                                    preexec_fn=partial(die_with_parent, os.getpid()))
@@ -663,19 +674,25 @@ apart; back to back: the same without the gap (how fast new jobs are absorbed; A
 cleanup after a client overlaps the next one, labgrid's release is synchronous and
 untimed). A relay cycle runs
 ave.cmd.run once in the session (the reset on release; a relay released cleanly is not
-reset again when allocated).
-labgrid-coordinator runs as shipped, in the asyncio debug mode its main() switches on."""
+reset again when allocated)."""
+
+COORDINATOR_MODES = {
+    True: 'labgrid-coordinator runs as shipped, in the asyncio debug mode its main() '
+          'switches on\n(--labgrid-without-debug measures it without).',
+    False: 'labgrid-coordinator runs WITHOUT the asyncio debug mode its main() switches '
+           'on\n(not as shipped: --labgrid-without-debug).'}
 
 
 def report(plan: Plan, results: dict[str, list[list[dict]]], problem: str | None,
-           version: str | None) -> str:
+           version: str | None, debug: bool) -> str:
     header = ['measurement', 'unit', 'AVE', 'labgrid', 'AVE vs labgrid', 'labgrid+reset',
               'AVE vs lg+reset', 'Busy/100']
     lines = [f'Broker benchmark: Python {platform.python_version()}, {os.cpu_count()} '
              f'CPUs (load average {os.getloadavg()[0]:.1f} at the end), labgrid '
              f'{version or "n/a"}; {plan.rounds} round(s), each rate {plan.seconds:g} s '
              f'or {plan.max_cycles:,} cycles, {plan.new_clients} new clients per latency.',
-             '', render_table(header, table_rows(results)), '', NOTES]
+             '', render_table(header, table_rows(results)), '', NOTES,
+             COORDINATOR_MODES[debug]]
     if problem:
         lines += ['', f'labgrid: n/a because {problem}']
     return '\n'.join(lines)
@@ -684,7 +701,7 @@ def report(plan: Plan, results: dict[str, list[list[dict]]], problem: str | None
 # -- main --------------------------------------------------------------------------
 
 def start_labgrid(stack: contextlib.ExitStack, children: Children, plan: Plan,
-                  directory: str) -> tuple[str | None, str | None, str | None]:
+                  directory: str, debug: bool) -> tuple[str | None, str | None, str | None]:
     """The coordinator's address with the pool of places made, or why labgrid is n/a:
     a missing baseline must not cost the AVE figures. Also returns labgrid's version."""
     version = None
@@ -692,7 +709,7 @@ def start_labgrid(stack: contextlib.ExitStack, children: Children, plan: Plan,
         version = labgrid_version()
         workdir = os.path.join(directory, 'labgrid')
         os.mkdir(workdir)
-        coordinator, address = start_coordinator(workdir)
+        coordinator, address = start_coordinator(workdir, debug)
         stack.callback(stop_coordinator, coordinator)
         run_clients(children, plan, 1, labgrid_create, address)
         return address, None, version
@@ -700,7 +717,7 @@ def start_labgrid(stack: contextlib.ExitStack, children: Children, plan: Plan,
         return None, describe(error), version
 
 
-def run(plan: Plan) -> str:
+def run(plan: Plan, labgrid_debug: bool = True) -> str:
     with contextlib.ExitStack() as stack:  # undone last to first: clients, servers, files
         directory = stack.enter_context(
             tempfile.TemporaryDirectory(prefix='ave-bench-broker-'))
@@ -709,19 +726,23 @@ def run(plan: Plan) -> str:
         children = Children(plan.lifetime)
         server = start_broker(home)
         stack.callback(stop_broker, server)
-        labgrid, problem, version = start_labgrid(stack, children, plan, directory)
+        labgrid, problem, version = start_labgrid(stack, children, plan, directory,
+                                                  labgrid_debug)
         stack.callback(children.stop_all)
         results, problem = measure(children, plan, (HOST, server.port), labgrid, problem)
-        return report(plan, results, problem, version)
+        return report(plan, results, problem, version, labgrid_debug)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='a short sanity run')
+    parser.add_argument('--labgrid-without-debug', action='store_true',
+                        help='run the coordinator without the asyncio debug mode it '
+                             'switches on (a faster baseline than labgrid as shipped)')
     args = parser.parse_args(argv)
     # A session whose broker stops warns about it; at the end of a run that is the plan.
     logging.getLogger('ave').setLevel(logging.ERROR)
-    print(run(QUICK if args.quick else FULL))
+    print(run(QUICK if args.quick else FULL, not args.labgrid_without_debug))
     return 0
 
 
