@@ -141,14 +141,14 @@ def encode_request(method: str, resource: dict | None, vargs: list | tuple,
                    kwargs: dict, is_async: bool = False) -> str:
     """The one way a request frame is built, by clients and by ``Control.notify``."""
     return json.dumps({'method': method, 'resource': resource,
-                       'params': {'vargs': list(vargs), 'kwargs': kwargs},
+                       'params': {'vargs': vargs, 'kwargs': kwargs},  # a tuple is a list
                        'async': is_async})
 
 
 def parse_request(payload: bytes) -> Request:
     """Decode and check a request frame; every defect is named in the error."""
     try:
-        request = json.loads(payload)
+        request = json.loads(payload.decode())  # UTF-8: no sniffing of encodings
     except (ValueError, RecursionError) as error:
         raise MalformedRequest(f'malformed request: {error}') from None
     if type(request) is not dict:
@@ -201,10 +201,10 @@ def encode_exception(error: BaseException) -> str:
 def decode_reply(payload: bytes) -> Any:
     """The result a reply carries; an exception reply is raised, typed."""
     try:
-        reply = json.loads(payload)
+        reply = json.loads(payload.decode())
     except (ValueError, RecursionError) as error:
         raise AveException(f'malformed reply: {error}') from None
-    if not isinstance(reply, dict):
+    if type(reply) is not dict:
         raise AveException('malformed reply: expected a JSON object')
     if 'exception' in reply:
         raise exception_factory(reply['exception'])

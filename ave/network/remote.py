@@ -142,12 +142,11 @@ class RemoteControl:
         connection.verdict_due = True
 
     def _read_verdict(self, connection: ClientConnection) -> None:
-        """Read the verdict the handshake left on its way, if it is still unread. It is
-        read to keep the stream in step, not kept: a client without the right key
-        learns it from the AuthError of the first guarded call."""
-        if connection.verdict_due:
-            protocol.parse_verdict(connection.get(self._timeout))
-            connection.verdict_due = False
+        """Read the verdict the handshake left on its way. It is read to keep the
+        stream in step, not kept: a client without the right key learns it from the
+        AuthError of the first guarded call."""
+        protocol.parse_verdict(connection.get(self._timeout))
+        connection.verdict_due = False
 
     def _disconnect(self) -> None:
         if self._connection is not None:
@@ -158,17 +157,20 @@ class RemoteControl:
               reply_timeout: Any = _SAME_AS_TIMEOUT) -> Any:
         """One request and its reply; ``reply_timeout`` overrides the usual bound on
         waiting for the reply (a waiting allocation waits as long as it asked)."""
-        is_async = bool(kwargs.pop('__async__', False))
+        is_async = bool(kwargs.pop('__async__', False)) if kwargs else False
         payload = protocol.encode_request(method, self._resource, vargs, kwargs, is_async)
-        if reply_timeout is _SAME_AS_TIMEOUT:
-            reply_timeout = self._reply_timeout
         pool = self._pool
-        connection = self._connect() if pool is None else (pool.take() or self._open())
+        if pool is None:
+            connection = self._connection or self._connect()
+        else:
+            connection = pool.take() or self._open()
         try:
             connection.put(payload, self._timeout)
             if not is_async:
-                self._read_verdict(connection)
-                reply = connection.get(reply_timeout)
+                if connection.verdict_due:
+                    self._read_verdict(connection)
+                reply = connection.get(self._reply_timeout if reply_timeout is
+                                       _SAME_AS_TIMEOUT else reply_timeout)
         except BaseException:
             # A half-done exchange would answer the wrong call later.
             if pool is None:

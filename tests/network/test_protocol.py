@@ -90,6 +90,22 @@ def test_too_deeply_nested_json_is_a_malformed_request_not_a_crash():
         protocol.parse_request(b'[' * 100_000 + b']' * 100_000)
 
 
+@pytest.mark.parametrize('frame', [
+    b'{"method": "echo", "params": {}, "x": "\xff"}',
+    '{"method": "echo", "params": {}}'.encode('utf-16'),
+])
+def test_a_frame_that_is_not_utf_8_is_a_malformed_request_in_one_line(frame):
+    with pytest.raises(protocol.MalformedRequest) as caught:
+        protocol.parse_request(frame)
+    assert str(caught.value).startswith('malformed request: ') and \
+        '\n' not in str(caught.value)
+
+
+def test_a_reply_that_is_not_utf_8_is_a_malformed_reply():
+    with pytest.raises(AveException, match='malformed reply'):
+        protocol.decode_reply(b'{"result": "\xff"}')
+
+
 @pytest.mark.parametrize('request_, is_async', [
     ({'async': True, 'method': 7}, True),
     ({'async': True, 'method': 'echo', 'params': []}, True),
