@@ -40,6 +40,8 @@ def split_encode(payload: bytes | bytearray | str,
 class FrameDecoder:
     """Accumulates received bytes and yields complete frame payloads in order."""
 
+    __slots__ = ('limit', '_buffer', '_expected', 'held')  # one per connection
+
     def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
         self.limit = limit
         self._buffer = bytearray()

@@ -26,6 +26,9 @@ from ave.network.process import Process
 
 #: Worker threads one loop runs at most for ``run_in_thread``; more calls wait.
 MAX_WORKERS = 64
+#: Cancelled timers the heap may hold before they are all dropped at once (when they
+#: are also most of it).
+COMPACT_CANCELLED = 256
 
 JOINING = 'joining'
 WAKING = 'waking'
@@ -83,6 +86,7 @@ class EventLoop(Process):
         self.keep_going = True
         self._selector: selectors.BaseSelector | None = None
         self._timers: list[list] = []  # heap of [deadline, order, function or None]
+        self._cancelled = 0  # timers in the heap whose function is None
         self._timer_order = itertools.count()
         self._last_activity = time.monotonic()
         self._waker: _Waker | None = None
@@ -183,6 +187,7 @@ class EventLoop(Process):
         timers = self._timers
         while timers and timers[0][2] is None:
             heapq.heappop(timers)  # cancelled
+            self._cancelled -= 1
         soonest = timers[0][0] if timers else None
         if self.interval is not None:
             idle_at = self._last_activity + self.interval
@@ -199,15 +204,26 @@ class EventLoop(Process):
         heapq.heappush(self._timers, timer)
         return timer
 
-    @staticmethod
-    def cancel(timer: list) -> None:
-        """Forget a ``call_later`` that has not run yet (it leaves the heap lazily)."""
+    def cancel(self, timer: list) -> None:
+        """Forget a ``call_later`` that has not run yet. It leaves the heap lazily, or
+        all at once when cancelled timers are most of it: a crowd of handshakes that
+        each cancel their expiry must not keep memory for ``handshake_s``."""
+        if timer[2] is None:
+            return
         timer[2] = None
+        self._cancelled += 1
+        if self._cancelled > COMPACT_CANCELLED and self._cancelled * 2 > len(self._timers):
+            self._timers = [timer for timer in self._timers if timer[2] is not None]
+            heapq.heapify(self._timers)
+            self._cancelled = 0
 
     def _run_due_timers(self, now: float) -> None:
         while self._timers and self._timers[0][0] <= now and self.keep_going:
-            function = heapq.heappop(self._timers)[2]
-            if function is not None:
+            timer = heapq.heappop(self._timers)
+            function, timer[2] = timer[2], None  # a later cancel() finds it done
+            if function is None:
+                self._cancelled -= 1
+            else:
                 self._call_hook(function)
 
     def _call_hook(self, hook: Callable, *args: Any) -> None:

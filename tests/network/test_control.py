@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import time
+import tracemalloc
 
 import pytest
 
@@ -781,6 +782,40 @@ def test_failing_timer_does_not_stop_the_loop_or_later_timers(local_control):
     control.call_later(0, lambda: ran.append('after'))
     error = raised_by(control.step_main, timeout=1)
     assert (error, ran) == (None, ['after']), f'step raised {error!r}; timers ran {ran!r}'
+
+
+@pytest.mark.timeout(10)
+def test_a_cancelled_timer_never_runs_and_cancelling_twice_or_late_is_harmless(
+        local_control):
+    control = local_control()
+    ran = []
+    cancelled = control.call_later(0, lambda: ran.append('cancelled'))
+    done = control.call_later(0, lambda: ran.append('done'))
+    control.cancel(cancelled)
+    control.cancel(cancelled)
+    control.step_main(timeout=1)
+    control.cancel(done)
+    control.call_later(0, lambda: ran.append('later'))
+    control.step_main(timeout=1)
+    assert ran == ['done', 'later'], f'timers ran as {ran!r}'
+
+
+@pytest.mark.timeout(30)
+def test_cancelled_timers_do_not_hold_memory_until_their_deadline(local_control):
+    control = local_control()
+    ran = []
+    control.call_later(0.05, lambda: ran.append(True))
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        for _ in range(100_000):  # as many handshakes, each cancelling its expiry
+            control.cancel(control.call_later(60, lambda: None))
+        grown = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    control.step_main(timeout=2)
+    assert grown < 1_000_000, f'100,000 cancelled timers still hold {grown:,} bytes'
+    assert ran == [True], 'a live timer was lost with the cancelled ones'
 
 
 @pytest.mark.timeout(10)
