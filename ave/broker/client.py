@@ -31,7 +31,7 @@ from typing import Any, Mapping
 # Importing the module also makes every broker error arrive typed, without the job
 # importing it.
 from ave.broker.exceptions import Busy, NoSuch
-from ave.broker.queue import RESET_PATIENCE
+from ave.broker.requests import RESET_PATIENCE
 from ave.config import load_broker_config, resolve_home
 from ave.equipment import load_types
 from ave.exceptions import AveException

@@ -83,12 +83,6 @@ DEFAULT_AGING_S = 600.0
 DEFAULT_LIMIT = 1000
 MAX_PRIORITY = 100
 MAX_REQUEST_CHARS = 65536  # a real request is a few hundred; it is kept while it waits
-#: How long a request that does not wait (``wait`` 0) waits all the same when all it
-#: lacks is being reset (``Blocker`` reason ``releasing``) and its client may wait:
-#: such items are about to be free, and Busy would close the client's session only
-#: for it to ask again a moment later. A longer reset still ends in Busy. Clients
-#: allow for it in how long they wait for the reply to a get.
-RESET_PATIENCE = 2.0
 
 Pool = dict[str, list[Profile]]  # profiles of free items, by type
 

@@ -12,6 +12,12 @@ from ave.exceptions import AveException
 from ave.profile import Profile
 
 MAX_PROFILES_PER_GET = 64
+#: How long a request that does not wait (``wait`` 0) waits all the same when all it
+#: lacks is being reset (``Blocker`` reason ``releasing``) and its client may wait:
+#: such items are about to be free, and Busy would close the client's session only
+#: for it to ask again a moment later. A longer reset still ends in Busy. Clients
+#: allow for it in how long they wait for the reply to a get.
+RESET_PATIENCE = 2.0
 
 
 def granted(profiles: list[dict], session: list, authkey: str) -> dict:

@@ -20,7 +20,8 @@ import socket as socketlib
 import time
 from typing import Any, Callable
 
-from ave import __version__, sandbox
+import ave
+from ave import sandbox
 from ave.broker import listing, requests, takeover
 from ave.broker.adoption import Adopter
 from ave.broker.allocator import Allocator, Key
@@ -234,7 +235,7 @@ class BrokerServer(Control):
     @Control.rpc
     def status(self) -> dict:
         """What runs here: pid, version, home, address, log and isolation."""
-        return {'pid': os.getpid(), 'version': __version__, 'home': self.home,
+        return {'pid': os.getpid(), 'version': ave.__version__, 'home': self.home,
                 'address': [self.config['host'], self.port],
                 'log': self.log_path(), 'isolation': self.isolation.describe(),
                 'http': self.status_page.describe(),

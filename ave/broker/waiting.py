@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from ave.broker import listing, suggest
 from ave.broker.allocator import Allocator
 from ave.broker.exceptions import Busy, NoSuch
-from ave.broker.queue import RESET_PATIENCE, WaitQueue, parse_priority, parse_wait
+from ave.broker.queue import WaitQueue, parse_priority, parse_wait
+from ave.broker.requests import RESET_PATIENCE
 from ave.broker.state import Client
 from ave.exceptions import AveException
 from ave.network.connection import Connection

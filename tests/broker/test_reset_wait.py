@@ -7,7 +7,7 @@ import time
 import pytest
 
 from ave.broker.exceptions import Busy
-from ave.broker.queue import RESET_PATIENCE
+from ave.broker.requests import RESET_PATIENCE
 
 pytestmark = pytest.mark.timeout(60)
 
