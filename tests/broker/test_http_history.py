@@ -68,6 +68,19 @@ def test_only_the_last_day_is_kept():
     assert min(use.buckets) > T0 + 2 * DAY - DAY - history.BUCKET_S
 
 
+@pytest.mark.parametrize('offset', [0, 5, 24, 25, 150, 299])
+def test_a_day_ending_in_a_new_bucket_still_saves_and_loads_whole(tmp_path, offset):
+    use = Utilisation()
+    now = T0 + DAY + offset
+    for step in range(0, DAY, 25):
+        use.record(now - DAY + step, {OVERALL: 0.5})
+    use.finish(now)  # the last interval may open one bucket more
+    assert len(use.buckets) <= history.BUCKETS
+    path = str(tmp_path / 'utilisation.json')
+    history.save(path, use)
+    assert history.load(path).export() == use.export(), 'the saved day was refused'
+
+
 def test_types_beyond_the_limit_are_not_tracked_but_overall_is():
     use = Utilisation()
     many = {f'type{index:02}': 0.5 for index in range(history.MAX_TYPES + 10)}

@@ -82,6 +82,7 @@ class Utilisation:
             began, previous = self._last
             self._add(began, min(now, began + MAX_GAP), previous)
             self._last = None
+            self._prune(now)  # the interval may have opened a bucket: still one day
 
     def _add(self, start: float, end: float, fractions: dict[str, float]) -> None:
         """Spread the interval over the buckets it touches (at most two: MAX_GAP is short)."""
