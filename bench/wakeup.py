@@ -49,8 +49,7 @@ def stop_broker(home: str) -> None:
 
 def one_wakeup(port: int, waiter_get) -> float:
     """Latency of one hand-over from a holder to a waiter using ``waiter_get``."""
-    holder, waiter = Broker(('127.0.0.1', port)), Broker(('127.0.0.1', port))
-    try:
+    with Broker(('127.0.0.1', port)) as holder, Broker(('127.0.0.1', port)) as waiter:
         relay = holder.get(PROFILE, wait=10)  # the last round may still be resetting it
         granted: list[float] = []
         thread = threading.Thread(target=lambda: granted.append(waiter_get(waiter)))
@@ -60,9 +59,6 @@ def one_wakeup(port: int, waiter_get) -> float:
         released = time.monotonic()
         thread.join(30)
         return granted[0] - released
-    finally:
-        holder._disconnect()
-        waiter._disconnect()
 
 
 def queued_get(client: Broker) -> float:
