@@ -584,57 +584,52 @@ def restart_series(lab: Lab, plan: Plan) -> Series:
     name the broker the last restart reported: a --restart with no broker running
     would start a fresh one and hide a crash.
     """
-    series = Series()
-    deadline = time.monotonic() + plan.budget
-    failures_in_a_row = 0
-    for number in range(plan.restarts):
-        if time.monotonic() >= deadline:
-            series.early_stop = (f'stopped after {number} of {plan.restarts} restarts: '
-                                 f'the {plan.budget:.0f} s budget ran out')
-            return series
-        began = time.monotonic()
-        status = first_line(lab.cli('--status').stdout)
-        series.controls.append((began, time.monotonic()))
-        running = find_broker(lab.home).process
-        if status != f'running, pid {lab.pid}' or running is None:
-            series.early_stop = (f'stopped after {number} restarts: --status said '
-                                 f'{status!r}, expected broker {lab.pid} to run')
-            return series
-        time.sleep(plan.interval)
-        restart = Restart(time.monotonic(), 0.0, running)
-        try:
-            result = lab.cli('--restart')
-            if result.returncode == 0:
-                restart.pid = pid_of(result.stdout)
-            else:
-                restart.error = result.stderr.strip() or f'exit status {result.returncode}'
-        except subprocess.TimeoutExpired:
-            restart.error = f'--restart did not finish within {CLI_TIMEOUT:.0f} s'
-        restart.ended = time.monotonic()
-        series.restarts.append(restart)
-        if restart.pid is None:
-            failures_in_a_row += 1
-            if failures_in_a_row >= MAX_RESTART_FAILURES:
-                series.early_stop = (f'stopped after {number + 1} restarts: '
-                                     f'{failures_in_a_row} failed in a row')
-                return series
-        else:
-            failures_in_a_row = 0
-            lab.pid = restart.pid
-        time.sleep(plan.interval)
-    return series
+    return run_series(lab, plan, ('restarts', 'failed'), restart_once)
 
 
 def crash_series(lab: Lab, plan: Plan) -> Series:
     """Crash mode: up to ``plan.restarts`` times, SIGKILL the broker and start a new
     one with ``--start``, each after the same ``--status`` control as a restart.
     A crash's window runs from the kill to the end of the ``--start`` command."""
+    return run_series(lab, plan, ('crashes', 'starts failed'), crash_once)
+
+
+def restart_once(lab: Lab, event: Restart) -> None:
+    """``--restart``: the new broker's pid, or the error, into ``event``."""
+    run_command(lab, '--restart', event)
+
+
+def crash_once(lab: Lab, event: Restart) -> None:
+    """SIGKILL the running broker, then ``--start`` a new one."""
+    event.predecessor.send_signal(signal.SIGKILL)
+    if not wait_for_exit(event.predecessor, STOP_GRACE):
+        event.error = f'broker {event.predecessor.pid} survived SIGKILL'
+    else:
+        run_command(lab, '--start', event)
+
+
+def run_command(lab: Lab, option: str, event: Restart) -> None:
+    try:
+        result = lab.cli(option)
+        if result.returncode == 0:
+            event.pid = pid_of(result.stdout)
+        else:
+            event.error = result.stderr.strip() or f'exit status {result.returncode}'
+    except subprocess.TimeoutExpired:
+        event.error = f'{option} did not finish within {CLI_TIMEOUT:.0f} s'
+
+
+def run_series(lab: Lab, plan: Plan, words: tuple[str, str],
+               act: Callable[[Lab, Restart], None]) -> Series:
+    """Up to ``plan.restarts`` events made by ``act``, each after a ``--status``
+    control, within the plan's budget; ``words`` name them in the reasons to stop."""
+    events, failed = words
     series = Series()
     deadline = time.monotonic() + plan.budget
     failures_in_a_row = 0
     for number in range(plan.restarts):
         if time.monotonic() >= deadline:
-            series.early_stop = (f'stopped after {number} of {plan.restarts} crashes: '
+            series.early_stop = (f'stopped after {number} of {plan.restarts} {events}: '
                                  f'the {plan.budget:.0f} s budget ran out')
             return series
         began = time.monotonic()
@@ -642,34 +637,23 @@ def crash_series(lab: Lab, plan: Plan) -> Series:
         series.controls.append((began, time.monotonic()))
         running = find_broker(lab.home).process
         if status != f'running, pid {lab.pid}' or running is None:
-            series.early_stop = (f'stopped after {number} crashes: --status said '
+            series.early_stop = (f'stopped after {number} {events}: --status said '
                                  f'{status!r}, expected broker {lab.pid} to run')
             return series
         time.sleep(plan.interval)
-        crash = Restart(time.monotonic(), 0.0, running)
-        running.send_signal(signal.SIGKILL)
-        if not wait_for_exit(running, STOP_GRACE):
-            crash.error = f'broker {running.pid} survived SIGKILL'
-        else:
-            try:
-                result = lab.cli('--start')
-                if result.returncode == 0:
-                    crash.pid = pid_of(result.stdout)
-                else:
-                    crash.error = result.stderr.strip() or f'exit status {result.returncode}'
-            except subprocess.TimeoutExpired:
-                crash.error = f'--start did not finish within {CLI_TIMEOUT:.0f} s'
-        crash.ended = time.monotonic()
-        series.restarts.append(crash)
-        if crash.pid is None:
+        event = Restart(time.monotonic(), 0.0, running)
+        act(lab, event)
+        event.ended = time.monotonic()
+        series.restarts.append(event)
+        if event.pid is None:
             failures_in_a_row += 1
             if failures_in_a_row >= MAX_RESTART_FAILURES:
-                series.early_stop = (f'stopped after {number + 1} crashes: '
-                                     f'{failures_in_a_row} starts failed in a row')
+                series.early_stop = (f'stopped after {number + 1} {events}: '
+                                     f'{failures_in_a_row} {failed} in a row')
                 return series
         else:
             failures_in_a_row = 0
-            lab.pid = crash.pid
+            lab.pid = event.pid
         time.sleep(plan.interval)
     return series
 
