@@ -220,14 +220,14 @@ def relay_entry(number: int) -> dict:
     return {'type': 'relay', 'uid': f'r{number}', 'circuits': {'c1': circuit}}
 
 
-def start_broker(home: str) -> BenchBroker:
+def start_broker(home: str, isolation: str = 'auto') -> BenchBroker:
     """A broker configured the way a lab owner would: broker.json with every default,
-    the relays of the pool and a free port."""
+    the relays of the pool and a free port; ``isolation`` as broker.json takes it."""
     config.create_default(home)
     sock, port = find_free_port(start=above_ephemeral_ports(), listen=False)
     sock.close()
     with open(os.path.join(config.config_dir(home), 'broker.json'), 'w') as stream:
-        json.dump({'host': HOST, 'port': port,
+        json.dump({'host': HOST, 'port': port, 'isolation': isolation,
                    'equipment': [relay_entry(n) for n in range(1, POOL + 1)]}, stream)
     types = load_types()
     settings = {name: kind.load_settings(home) for name, kind in types.items()}
@@ -684,13 +684,14 @@ COORDINATOR_MODES = {
 
 
 def report(plan: Plan, results: dict[str, list[list[dict]]], problem: str | None,
-           version: str | None, debug: bool) -> str:
+           version: str | None, debug: bool, isolation: str) -> str:
     header = ['measurement', 'unit', 'AVE', 'labgrid', 'AVE vs labgrid', 'labgrid+reset',
               'AVE vs lg+reset', 'Busy/100']
     lines = [f'Broker benchmark: Python {platform.python_version()}, {os.cpu_count()} '
              f'CPUs (load average {os.getloadavg()[0]:.1f} at the end), labgrid '
              f'{version or "n/a"}; {plan.rounds} round(s), each rate {plan.seconds:g} s '
-             f'or {plan.max_cycles:,} cycles, {plan.new_clients} new clients per latency.',
+             f'or {plan.max_cycles:,} cycles, {plan.new_clients} new clients per latency; '
+             f'isolation {isolation}.',
              '', render_table(header, table_rows(results)), '', NOTES,
              COORDINATOR_MODES[debug]]
     if problem:
@@ -717,20 +718,21 @@ def start_labgrid(stack: contextlib.ExitStack, children: Children, plan: Plan,
         return None, describe(error), version
 
 
-def run(plan: Plan, labgrid_debug: bool = True) -> str:
+def run(plan: Plan, labgrid_debug: bool = True, isolation: str = 'auto') -> str:
     with contextlib.ExitStack() as stack:  # undone last to first: clients, servers, files
         directory = stack.enter_context(
             tempfile.TemporaryDirectory(prefix='ave-bench-broker-'))
         home = os.path.join(directory, 'home')
         os.mkdir(home)
         children = Children(plan.lifetime)
-        server = start_broker(home)
+        server = start_broker(home, isolation)
         stack.callback(stop_broker, server)
         labgrid, problem, version = start_labgrid(stack, children, plan, directory,
                                                   labgrid_debug)
         stack.callback(children.stop_all)
         results, problem = measure(children, plan, (HOST, server.port), labgrid, problem)
-        return report(plan, results, problem, version, labgrid_debug)
+        return report(plan, results, problem, version, labgrid_debug,
+                      server.isolation.describe())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -739,10 +741,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--labgrid-without-debug', action='store_true',
                         help='run the coordinator without the asyncio debug mode it '
                              'switches on (a faster baseline than labgrid as shipped)')
+    parser.add_argument('--isolation', choices=('auto', 'required', 'off'), default='auto',
+                        help="broker.json's isolation for the broker measured (the "
+                             "sandbox's cost shows as on against off)")
     args = parser.parse_args(argv)
     # A session whose broker stops warns about it; at the end of a run that is the plan.
     logging.getLogger('ave').setLevel(logging.ERROR)
-    print(run(QUICK if args.quick else FULL, not args.labgrid_without_debug))
+    print(run(QUICK if args.quick else FULL, not args.labgrid_without_debug,
+              args.isolation))
     return 0
 
 
