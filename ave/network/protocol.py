@@ -46,7 +46,9 @@ NO_ACCOUNTS: frozenset[str] = frozenset()  # shared: thousands of peers hold no 
 class MalformedRequest(AveException):
     """A request frame is not a request; the message names the defect.
 
-    ``is_async``: the frame, however broken, asked for no answer; it gets none.
+    ``is_async``: the frame, however broken, asked for no answer, or is an answer
+    itself (the exception frame a peer writes as it shuts down, ``Exit``); it gets
+    none, so two ends can never answer each other's answers.
     """
 
     def __init__(self, message: str, is_async: bool = False) -> None:
@@ -162,8 +164,9 @@ def parse_request(payload: bytes) -> Request:
                 and type(kwargs) is dict and (resource is None or type(resource) is dict)
                 and (is_async is False or is_async is True)):
             return method, resource, vargs, kwargs, is_async
+    is_answer = 'exception' in request and 'method' not in request
     raise MalformedRequest(f'malformed request: {_defect(request)}',
-                           request.get('async') is True)
+                           request.get('async') is True or is_answer)
 
 
 def _defect(request: dict) -> str:

@@ -111,6 +111,7 @@ def test_a_reply_that_is_not_utf_8_is_a_malformed_reply():
     ({'async': True, 'method': 'echo', 'params': []}, True),
     ({'async': 'yes', 'method': 'echo', 'params': {}}, False),
     ([{'async': True}], False),
+    ({'exception': {'message': 'the session has ended', 'type': 'Exit', 'trace': []}}, True),
 ])
 def test_one_way_requests_are_recognised_even_when_malformed(request_, is_async):
     with pytest.raises(protocol.MalformedRequest) as caught:
