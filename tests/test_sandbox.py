@@ -21,6 +21,7 @@ import ave.cmd
 from ave.exceptions import RunError, Timeout
 from ave.sandbox import (MODES, Killed, Layout, Sandbox, SandboxUnavailable, current,
                          enabled_for, mount_arguments, probe)
+from ave.sandbox.layout import masked_installation
 from sandboxes import installed, requires_bwrap
 from support import wait_until
 
@@ -484,6 +485,40 @@ def test_mounts_hide_then_open_workspaces_then_make_dev_and_proc():
                     '--bind-try', '/h/.ave/ws/a', '/h/.ave/ws/a',
                     '--dev', '/dev', '--dev-bind-try', '/dev/ttyUSB0', '/dev/ttyUSB0',
                     '--proc', '/proc']
+
+
+def test_what_shows_through_the_private_tmp_is_mounted_before_the_hidden_paths():
+    args = mount_arguments(Layout(hidden=(('/tmp/x/home/.ave', True),), writable=(),
+                                  devices=(), resolv=None, readable=('/tmp/x',)))
+    shown, hidden = args.index('/tmp/x'), args.index('/tmp/x/home/.ave')
+    assert args[shown - 1] == '--ro-bind-try' and args.index('/run') < shown < hidden
+
+
+@pytest.mark.parametrize('prefix, package_root, masked', [
+    ('/usr', '/usr/lib/python3/dist-packages', ()),
+    ('/tmp/co/.venv', '/tmp/co', ('/tmp/co', '/tmp/co/.venv')),
+    ('/run/user/1000/venv', '/home/u/ave', ('/run/user/1000/venv',)),
+    ('/tmpfs/venv', '/runner/ave', ()),
+])
+def test_only_an_installation_under_tmp_or_run_is_shown_through(prefix, package_root,
+                                                                 masked):
+    assert masked_installation(prefix, package_root) == masked
+
+
+@requires_bwrap
+def test_an_installation_under_tmp_is_readable_and_the_rest_of_tmp_is_not(
+        home, tmp_path, monkeypatch):
+    install, other = tmp_path / 'install', tmp_path / 'other'
+    for directory in (install, other):
+        directory.mkdir()
+        (directory / 'file').write_text(directory.name)
+    monkeypatch.setattr('ave.sandbox.layout._OWN_INSTALLATION', (str(install),))
+    box = Sandbox(True, hidden=[home['dot_ave'], home['root']])
+    assert box.run(['cat', str(install / 'file')]) == (0, 'install')
+    code, output = box.run(['cat', str(other / 'file')])
+    assert code != 0 and 'No such file' in output, output
+    code, output = box.run(['sh', '-c', f'echo x > {install}/new'])
+    assert code != 0 and not (install / 'new').exists(), 'the installation was writable'
 
 
 @pytest.mark.parametrize('path', ['relative/path', '', None])

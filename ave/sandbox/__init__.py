@@ -51,6 +51,7 @@ import psutil
 
 import ave.cmd
 from ave.exceptions import AveException, RunError, Timeout
+from ave.sandbox.layout import DEFAULT_TMP_BYTES, Layout, mount_arguments
 
 __all__ = ['MODES', 'Killed', 'Layout', 'Sandbox', 'SandboxUnavailable', 'current',
            'enabled_for', 'install', 'mount_arguments', 'probe', 'remove_status_files']
@@ -61,14 +62,6 @@ _log = logging.getLogger(__name__)
 MODES = ('auto', 'required', 'off')
 
 BWRAP = 'bwrap'
-
-#: Size of each command's private /tmp. It is memory, not disk: without a cap one
-#: command could fill half the host's RAM. Big scratch files belong in a workspace.
-DEFAULT_TMP_BYTES = 256 * 1024 * 1024
-
-# Size of the other file systems made in memory (/run, hidden directories): they only
-# hold mount points, but a command can write into them.
-_SMALL_TMPFS = str(1024 * 1024)
 
 #: How long ``probe()`` lets its trial command take; it normally takes milliseconds.
 PROBE_TIMEOUT = 10.0
@@ -99,8 +92,6 @@ _STATUS_PREFIX = 'ave-sandbox-status-'
 # Namespaces and privileges, the same for every command.
 _ISOLATION = ['--unshare-pid', '--unshare-ipc', '--die-with-parent', '--as-pid-1',
               '--cap-drop', 'ALL']
-
-_RESOLV_CONF = '/etc/resolv.conf'
 
 
 class Killed(AveException):
@@ -380,45 +371,8 @@ class Sandbox:
         launcher = [_PYTHON, '-I', '-S', '-c', _launcher_source(), marker, cwd, *argv]
         with self._lock:
             writable, devices = tuple(self._writable), tuple(self._devices)
-        layout = Layout(hidden=tuple(_present(self._hidden)), writable=writable,
-                        devices=devices, resolv=_resolv_under_run(),
-                        tmp_bytes=self._tmp_bytes)
+        layout = Layout.seen_by_commands(self._hidden, writable, devices, self._tmp_bytes)
         return [self._bwrap, *mount_arguments(layout), *_ISOLATION, '--', *launcher]
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What a command is to see, as plain data (existence already checked)."""
-
-    hidden: tuple[tuple[str, bool], ...]  # (path, is a directory)
-    writable: tuple[str, ...]
-    devices: tuple[str, ...]
-    resolv: str | None  # where /etc/resolv.conf really is, when that is under /run
-    tmp_bytes: int = DEFAULT_TMP_BYTES
-
-
-def mount_arguments(layout: Layout) -> list[str]:
-    """bwrap's file system options for ``layout``, in the order they must apply.
-
-    Later mounts land on top of earlier ones: the private /tmp and /run and the empty
-    hidden directories first, then the workspaces (whose mount points bwrap creates
-    inside those empty directories), then /dev and /proc.
-    """
-    args = ['--ro-bind', '/', '/', '--size', str(layout.tmp_bytes), '--tmpfs', '/tmp',
-            '--size', _SMALL_TMPFS, '--tmpfs', '/run']
-    if layout.resolv is not None:  # name resolution keeps working
-        args += ['--ro-bind-try', layout.resolv, layout.resolv]
-    for path, is_directory in layout.hidden:
-        # A file becomes /dev/null (a device, hence --dev-bind: a plain bind of it is
-        # mounted nodev and cannot even be read).
-        args += (['--size', _SMALL_TMPFS, '--tmpfs', path] if is_directory
-                 else ['--dev-bind', '/dev/null', path])
-    for path in layout.writable:
-        args += ['--bind-try', path, path]
-    args += ['--dev', '/dev']
-    for node in layout.devices:
-        args += ['--dev-bind-try', node, node]
-    return args + ['--proc', '/proc']
 
 
 def remove_status_files(pid: int) -> None:
@@ -575,20 +529,6 @@ def _absolute(path: object, name: str) -> str:
     if not isinstance(path, str) or not os.path.isabs(path):
         raise ValueError(f'{name} must be an absolute path, got {path!r}')
     return os.path.realpath(path)
-
-
-def _present(paths: tuple[str, ...]) -> Iterable[tuple[str, bool]]:
-    """The hidden paths that exist (bwrap cannot mount over nothing), with their kind."""
-    for path in paths:
-        if os.path.isdir(path):
-            yield path, True
-        elif os.path.lexists(path):
-            yield path, False
-
-
-def _resolv_under_run() -> str | None:
-    real = os.path.realpath(_RESOLV_CONF)
-    return real if real.startswith('/run/') else None
 
 
 def _one_line(text: str, limit: int = 300) -> str:
