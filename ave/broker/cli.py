@@ -182,8 +182,8 @@ def _launch(home: str, broker: daemon.BrokerDaemon, done: str,
         what = failure if isinstance(failure, str) else failure()
         raise Failure(f'{what}: {error}') from None
     print(f'{done}, pid {pid}{note}')
-    _print_details(home, _listening(psutil.Process(pid))
-                   or (broker.config['host'], broker.config['port']))
+    configured = (broker.config['host'], broker.config['port'])
+    _print_details(home, _listening(psutil.Process(pid), configured[1]) or configured)
     return 0
 
 
@@ -204,24 +204,45 @@ def _status(home: str, args: argparse.Namespace) -> int:
         print(_not_running(status))
         return 1
     print(f'running, pid {status.pid}')
-    address = _listening(status.process)
+    address = _listening(status.process, _configured_port(home))
     if address is None:
-        configured = config.load_broker_config(home)
-        address = (configured['host'], configured['port'])
+        loaded = config.load_broker_config(home)
+        address = (loaded['host'], loaded['port'])
     _print_details(home, address)
     return 0
 
 
-def _listening(process: psutil.Process) -> tuple[str, int] | None:
+def _configured_port(home: str) -> int | None:
+    """broker.json's port, or None if it cannot be read (the broker runs on anyway)."""
+    try:
+        return config.load_broker_config(home)['port']
+    except AveException:
+        return None
+
+
+def _listening(process: psutil.Process, configured_port: int | None) -> tuple[str, int] | None:
     """Where the broker process listens now (broker.json may have changed since it
     started); None when that cannot be seen. psutil before 6.0 (Debian 12's) names
     the call ``connections``."""
     sockets_of = getattr(process, 'net_connections', None) or process.connections
     try:
-        sockets = [c.laddr for c in sockets_of(kind='inet') if c.status == psutil.CONN_LISTEN]
+        listening = [(c.fd, c.laddr.ip, c.laddr.port) for c in sockets_of(kind='inet')
+                     if c.status == psutil.CONN_LISTEN]
     except psutil.Error:
         return None
-    return (sockets[0].ip, sockets[0].port) if sockets else None
+    return broker_listener(listening, configured_port)
+
+
+def broker_listener(listening: list[tuple[int, str, int]],
+                    configured_port: int | None) -> tuple[str, int] | None:
+    """Which of a broker's listening sockets ``(fd, ip, port)`` is its own: the one on
+    the configured port, else the oldest (lowest descriptor). The others are brief:
+    a session's listener is made in the broker just before the session is forked."""
+    if not listening:
+        return None
+    _, ip, port = next((entry for entry in listening if entry[2] == configured_port),
+                       min(listening))
+    return ip, port
 
 
 def _print_details(home: str, address: tuple[str, int]) -> None:

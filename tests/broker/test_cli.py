@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 import support
+from ave.broker.cli import broker_listener
 pytestmark = pytest.mark.timeout(30)
 
 
@@ -292,3 +293,13 @@ def test_help_exits_0():
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
     assert '--foreground' in result.stdout
+
+
+@pytest.mark.parametrize('listening, port, expected', [
+    ([], 4000, None),
+    ([(9, '127.0.0.1', 51234), (5, '127.0.0.1', 4000)], 4000, ('127.0.0.1', 4000)),
+    ([(9, '127.0.0.1', 51234), (5, '0.0.0.0', 4100)], 4000, ('0.0.0.0', 4100)),
+])
+def test_status_names_the_brokers_own_listener_not_a_session_being_forked(listening, port,
+                                                                           expected):
+    assert broker_listener(listening, port) == expected
