@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
 from support import wait_until
-from test_http_page import CHROMIUM, Rows, chromium
+from test_http_page import CHROMIUM, Rows, chromium, rendered_dom
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -145,7 +145,7 @@ def test_the_page_in_a_real_browser_shows_equipment_and_holders(lab, tmp_path):
     assert wait_until(lambda: relay_row(lab)['state'] == 'held', timeout=10)
     url = f'http://{lab.http[0]}:{lab.http[1]}/'
     rows = Rows()
-    rows.feed(chromium(tmp_path, url, '--dump-dom'))
+    rows.feed(rendered_dom(tmp_path, url))
     equipment = ' | '.join(rows.rows['equipment'])
     assert 'r1' in equipment and 'page-test-job' in equipment and 'held' in equipment, \
         equipment

@@ -181,6 +181,7 @@ function render() {
   // Durations count on to the status server's clock, not stop at the report's.
   renderQueue((page.queue && page.queue.queue) || [], age || 0);
   renderEquipment(equipment.equipment, page.serverTime ?? equipment.time);
+  document.body.dataset.rendered = 'yes';  // for tools that read the page, not only eyes
 }
 
 function renderSummary(items, queue) {
@@ -352,6 +353,7 @@ function renderChart() {
   }
   box.replaceChildren(chart);
   replaceChildren('legend', ...legend);
+  document.body.dataset.chart = 'yes';
 }
 
 // -- start ------------------------------------------------------------------------------
