@@ -350,7 +350,7 @@ class _HangUpWatch:
     def run(self) -> None:
         try:
             while self._step():
-                pass
+                continue  # each step waits a tick for a hang-up, or tries to reconnect
         finally:
             self._poller.close()
 

@@ -343,7 +343,7 @@ def _flock_holders(inode: int) -> set[int]:
                         and fields[5].rpartition(':')[2] == str(inode):
                     holders.add(int(fields[4]))
     except OSError:
-        pass
+        pass  # no /proc/locks (no procfs mounted): no holder can be named
     return holders
 
 
