@@ -282,6 +282,7 @@ class LoadClient:
         self.fresh = fresh
         self.crash = crash
         self.broker: Broker | None = None
+        self.holding = False  # a relay is held that a lost session would take along
         self.reset()
 
     def reset(self) -> None:
@@ -316,81 +317,78 @@ class LoadClient:
         self.stamps.append(time.monotonic())
 
     def cycle(self) -> None:
-        """get, one call on the relay, give it back; a failure is recorded, never raised.
+        """get, call the relay, give it back; a failure is recorded, never raised.
 
         After a failure the connection is dropped and the next cycle starts from
         nothing, as a job that handles errors would.
         """
-        if self.crash:
-            self.crash_cycle()
-            return
-        holding = False
+        self.holding = False
         try:
             broker = self.connect()
-            try:
-                relay = broker.get(PROFILE)
-            except Busy:
-                self.completed()
-                self.busy += 1
-                return
-            holding = True
-            self.completed()
-            with relay:
-                # A session's calls may otherwise wait for ever; a hung session must
-                # show up as a failure, not stall the benchmark.
-                relay._reply_timeout = CALL_TIMEOUT
-                relay.get_profile()
-                self.completed()
-                broker.yield_resources(relay)
-                holding = False
-                self.completed()
-            self.cycles += 1
+            if self.crash:
+                self.crash_cycle(broker)
+            else:
+                self.plain_cycle(broker)
         except Exception as error:  # every failure is the measurement, not a crash
-            self.failure(error, holding)
+            self.failure(error, self.holding)
             self.disconnect()
             time.sleep(FAILURE_PAUSE)
         finally:
             if self.fresh:
                 self.disconnect()
 
-    def crash_cycle(self) -> None:
+    def take(self, get: Callable[[], Any]) -> Any:
+        """The relay ``get`` allocates, or None (counted) when the answer is Busy."""
+        try:
+            relay = get()
+        except Busy:
+            relay = None
+            self.busy += 1
+        self.completed()
+        return relay
+
+    def plain_cycle(self, broker: Broker) -> None:
+        """get, one call on the relay, give it back."""
+        relay = self.take(lambda: broker.get(PROFILE))
+        if relay is None:
+            return
+        self.holding = True
+        with relay:
+            # A session's calls may otherwise wait for ever; a hung session must
+            # show up as a failure, not stall the benchmark.
+            relay._reply_timeout = CALL_TIMEOUT
+            relay.get_profile()
+            self.completed()
+            broker.yield_resources(relay)
+            self.holding = False
+            self.completed()
+        self.cycles += 1
+
+    def crash_cycle(self, broker: Broker) -> None:
         """Crash mode: get, HOLD_CALLS calls on the relay, give it back, riding out
         any broker outage on the way (see the module's docstring)."""
-        try:
-            broker = self.connect()
-            try:
-                relay = self.allocate(broker)
-            except Busy:
-                self.completed()
-                self.busy += 1
-                return
-            self.completed()
-            with relay:
-                relay._reply_timeout = CALL_TIMEOUT
-                for _ in range(HOLD_CALLS):
-                    try:
-                        relay.get_profile()
-                    except Exception as error:
-                        self.resource_failure(error)
-                        self.disconnect()
-                        return
-                    self.resource_calls += 1
+        relay = self.take(lambda: self.allocate(broker))
+        if relay is None:
+            return
+        with relay:
+            relay._reply_timeout = CALL_TIMEOUT
+            for _ in range(HOLD_CALLS):
                 try:
-                    self.give_back(broker, relay)
-                except (NotAllocated, NotOwner) as error:  # the resume failed
-                    self.lost += 1
-                    self.failure(error, False)
+                    relay.get_profile()
+                except Exception as error:
+                    self.resource_failure(error)
                     self.disconnect()
                     return
-                self.completed()
-            self.cycles += 1
-        except Exception as error:  # every failure is the measurement, not a crash
-            self.failure(error, False)
-            self.disconnect()
-            time.sleep(FAILURE_PAUSE)
-        finally:
-            if self.fresh:
+                self.resource_calls += 1
+            try:
+                self.give_back(broker, relay)
+            except (NotAllocated, NotOwner) as error:  # the resume failed
+                self.lost += 1
+                self.failure(error, False)
                 self.disconnect()
+                return
+            self.completed()
+        self.cycles += 1
 
     def allocate(self, broker: Broker) -> Any:
         """``get`` a relay, asking again after an outage; an answer a crash lost may
