@@ -24,8 +24,8 @@ from ave.network.connection import Connection
 from ave.network.exceptions import ConnectionAgain, ConnectionClosed
 from ave.network.limits import Admission, Limits
 from ave.network.loop import EventLoop
-from ave.network.peer import (AUTHENTICATING, CLOSED, ESTABLISHED, IN_SERVICE, LIVE,
-                              RELEASED, SERVING, WATCHED, Peer)
+from ave.network.peer import (AUTHENTICATING, CLOSED, ESTABLISHED, IN_SERVICE, LISTENING,
+                              LIVE, RELEASED, SERVING, WATCHED, Listener, Peer)
 from ave.network.protocol import CHALLENGE_PREFIX, NONCE_SIZE  # noqa: F401 (re-exported)
 from ave.network.remote import RemoteControl  # noqa: F401 (re-exported)
 from ave.network.rpc import Reply, auth, authorize_accounts, preauth, rpc
@@ -41,17 +41,7 @@ ACCEPT_BACKOFF = (0.05, 1.0)
 SERVING_INPUT_CAP = 64 * 1024
 _OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
-LISTENING = 'listening'
-
 log = logginglib.getLogger(__name__)
-
-
-class _Listener:
-    __slots__ = ('connection', 'state')
-
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
-        self.state = LISTENING
 
 
 class Control(EventLoop):
@@ -103,7 +93,7 @@ class Control(EventLoop):
     def _selector_made(self, selector: selectors.BaseSelector) -> None:
         if self.listener is not None and not self.listener.closed:
             selector.register(self.listener.fileno(), selectors.EVENT_READ,
-                              _Listener(self.listener))
+                              Listener(self.listener))
 
     # -- hooks for subclasses ----------------------------------------------------------
 
@@ -132,7 +122,7 @@ class Control(EventLoop):
 
     # -- accepting and handshakes ------------------------------------------------------
 
-    def _on_listening(self, listener: _Listener, mask: int) -> None:
+    def _on_listening(self, listener: Listener, mask: int) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
                 connection = listener.connection.accept()
@@ -172,16 +162,20 @@ class Control(EventLoop):
             self.throttle.warning('refused', 'refusing a client: %s', refusal)
             connection.say_and_close(protocol.encode_exception(AveException(refusal)))
             return
-        connection.limit_input(protocol.HANDSHAKE_FRAME_LIMIT)
         peer = Peer(connection, AUTHENTICATING)
         peer.address_key = address
         self._admission.enter(address)
         peer.nonce, frame = protocol.challenge()
-        allowed = self.limits.handshake_s or HANDSHAKE_TIMEOUT
-        peer.deadline = time.monotonic() + allowed
-        peer.expiry = self.call_later(allowed, functools.partial(self._expire_handshake, peer))
+        peer.deadline = time.monotonic() + (self.limits.handshake_s or HANDSHAKE_TIMEOUT)
+        self._start_handshake_clock(peer)
         self._watch(peer)
         self._send(peer, frame)
+
+    def _start_handshake_clock(self, peer: Peer) -> None:
+        """Only a digest may come until the peer's deadline, which a timer enforces."""
+        peer.connection.limit_input(protocol.HANDSHAKE_FRAME_LIMIT)
+        peer.expiry = self.call_later(max(0.0, peer.deadline - time.monotonic()),
+                                      functools.partial(self._expire_handshake, peer))
 
     def _expire_handshake(self, peer: Peer) -> None:
         """A peer's handshake time is up (a timer set when it arrived): drop it if it
@@ -553,12 +547,9 @@ class Control(EventLoop):
 
     def import_peer(self, sock: socketlib.socket, description: dict) -> Connection:
         """Serve a connection a predecessor described with ``export_peers``."""
-        now = time.monotonic()
-        peer = peers.restore(sock, description, now)
+        peer = peers.restore(sock, description, time.monotonic())
         if peer.state == AUTHENTICATING:
-            peer.connection.limit_input(protocol.HANDSHAKE_FRAME_LIMIT)
-            peer.expiry = self.call_later(max(0.0, peer.deadline - now),
-                                          functools.partial(self._expire_handshake, peer))
+            self._start_handshake_clock(peer)
         else:
             peer.connection.limit_input(self.limits.frame_bytes)
         if peer.address_key is not None:

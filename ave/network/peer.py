@@ -46,6 +46,18 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 IN_SERVICE = frozenset({ESTABLISHED, SERVING, WATCHED})
 #: States whose peers are still registered with the selector.
 LIVE = frozenset({AUTHENTICATING, ESTABLISHED, SERVING, WATCHED})
+#: The state of the one ``Listener`` (it never changes): new connections are waiting.
+LISTENING = 'listening'
+
+
+class Listener:
+    """The listening socket as the selector sees it, beside the peers."""
+
+    __slots__ = ('connection', 'state')
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.state = LISTENING
 
 
 class Peer:
