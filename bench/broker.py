@@ -7,7 +7,8 @@ coordinator cannot run here) its cells read n/a and the reason is printed.
 A test job's life with the broker is get, use, give back, over and over; a lab with
 many short jobs lives or dies by how many such cycles per second a broker sustains
 and by how long a brand-new job waits for its first piece of equipment (that first
-``get`` forks the job's session). Measured here, each client in a process of its own:
+``get`` gives the job a session: a spare one, recycled from an earlier job or forked
+ahead of need, else one forked then). Measured here, each client in a process of its own:
 
 * cycle = ``r = b.get(profile, wait=CYCLE_WAIT)``, one call on ``r`` (answered by
   the session), ``b.yield_resources(r)``: for a relay from a pool of eight (its reset
@@ -21,7 +22,7 @@ and by how long a brand-new job waits for its first piece of equipment (that fir
   clients one after another, each ``Plan.arrival_gap`` (20 ms) after the last left, as jobs
   arrive in a lab; and the same back to back (no gap), which measures how fast a
   lab absorbs a stream of new jobs rather than how long one waits: there the work a
-  departed client leaves (its session ending, the relay's reset, AVE's next spare
+  departed client leaves (its session being recycled, the relay's reset, a new spare
   session) overlaps the next client's measurement, while labgrid's client releases
   synchronously, before its next measurement starts.
 * labgrid = acquire + release of a place through its Python client API (what
@@ -284,6 +285,8 @@ def ave_first_allocations(index: int, start: Callable[[], None], plan: Plan,
                           address: tuple[str, int], profile: dict, gap: float) -> dict:
     """New clients one after another, ``gap`` seconds apart: time from a new Broker to
     the first call's answer."""
+    with Broker(address) as warmup:  # import and first connect untimed, as labgrid's
+        warmup.status()
     start()
     samples: list[float] = []
     busy = 0

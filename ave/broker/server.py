@@ -365,6 +365,16 @@ class BrokerServer(Control):
         record.keys.discard(key)
         self.released_item(key, clean=clean is True)
 
+    @Control.rpc
+    def recycled(self) -> None:
+        """A session asked to ``recycle`` is clean and waits as a spare (one-way,
+        sessions only)."""
+        assert self.caller is not None
+        record = self.state.session_of_link(self.caller.connection)
+        if record is None or not record.closing:
+            raise AuthError('only a session asked to recycle reports recycled')
+        self.keeper.recycled(record)
+
     def released_item(self, key: Key, clean: bool) -> None:
         """An item's teardown is over: it goes to the next waiter, if one can use it."""
         self.allocator.finish_release(key, clean=clean)
@@ -481,7 +491,7 @@ class BrokerServer(Control):
             if self.lab is not None:
                 self.lab.leave()
             self._end_sessions()
-            self.keeper.drop_spare()
+            self.keeper.drop_spares()
             self.adopter.close()
         super().shutdown(details)
 

@@ -21,10 +21,20 @@ client had left. SIGTERM still means: tear down and end now.
 
 A session may be forked as the broker's *spare* before any client needs it
 (``ave.broker.sessions``): it is called ``SPARE_PROC_NAME`` and serves nobody until the
-broker's ``assigned`` names its client, which comes before any resource.
+broker's ``assigned`` names its client, which comes before any resource. When its
+client is gone the broker may ``recycle`` it instead of ending it: the session takes
+a new key, closes every client connection, tears everything down as an ending session
+does and, if all of that finished cleanly, becomes a spare again. A new process per
+job cost more CPU than the rest of a job's start together (the fork, copy-on-write
+faults in broker and session alike, a thread's start, the exit); what a job could
+leave in the process is gone by then: its connections, its resources, its commands
+(each command's sandbox dies with it), and nothing a client sends is ever run as code.
+Anything unusual (a teardown that failed or did not finish, a call still running)
+ends the process as before.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -55,6 +65,12 @@ CALL_DRAIN_TIMEOUT = 2.0
 #: earlier (a relay reset under way). One that takes longer is killed and left to the
 #: broker, which reclaims what a session ended without reporting released.
 RELEASE_DRAIN_TIMEOUT = 20.0
+
+#: How long a recycled session waits for its worker threads to finish what they were
+#: doing (a teardown's last steps) before it gives up and ends instead.
+RECYCLE_IDLE_TIMEOUT = 1.0
+#: The shortest session key ``recycle`` accepts (as made by ``secrets.token_urlsafe(32)``).
+MIN_KEY_LENGTH = 32
 
 #: Process names: a session's, and a spare's until it is assigned (the kernel keeps
 #: 15 characters, so the two still differ there).
@@ -286,6 +302,42 @@ class Session(Control):
         self.shutdown('the broker has stopped')
 
     @Control.rpc
+    def recycle(self, authkey: Any) -> None:
+        """The client is gone: tear its equipment down and wait for the next client as
+        a spare under the new ``authkey``, or end if anything did not come down cleanly
+        (one-way, broker only). The broker hears ``recycled`` or sees the process end."""
+        self._require_broker()
+        if not isinstance(authkey, str) or len(authkey) < MIN_KEY_LENGTH:
+            raise AveException('recycle() takes a new session key')
+        self.authkey = authkey  # the old key opens nothing from here on
+        self.crash_grace = 0.0  # no client to outlive a broker crash for
+        self.ending = True  # a broker lost meanwhile is seen below, not halfway through
+        self._drop_marker()
+        self.drop_peers('the session has ended', keep=self.broker)
+        clean = self._tear_down_everything(time.monotonic() + RELEASE_DRAIN_TIMEOUT)
+        if not (clean and self.threads_idle(RECYCLE_IDLE_TIMEOUT)):
+            log.warning('not every resource came down cleanly; ending the session')
+            self.shutdown('the session has ended')
+            return
+        self._forget_client()
+        try:
+            self.notify(self.broker, 'recycled')
+        except ConnectionClosed:
+            self.shutdown('the broker is gone')
+
+    def _forget_client(self) -> None:
+        """Become a spare: nothing of the client stays, its garbage included (a
+        resource's cycles may hold descriptors)."""
+        self.client_identity = {}
+        self.client_token = None
+        self.orphaned_at = None
+        self.spare = True
+        self.ending = False
+        self.proc_name = SPARE_PROC_NAME
+        self.perform_prctl()
+        gc.collect()
+
+    @Control.rpc
     def adopted(self, crash_grace: Any = None) -> None:
         """A new broker took this session over (one-way, broker only); its
         ``crash_grace`` applies from now on."""
@@ -402,25 +454,42 @@ class Session(Control):
         if not self.keep_going:
             return
         self.ending = True
-        releases_due = time.monotonic() + RELEASE_DRAIN_TIMEOUT
-        if self._marker >= 0:  # an ending session presents itself to nobody
-            os.close(self._marker)
-            self._marker = -1
-        self.stop_commands()
-        for hosted in list(self.hosted.values()):
-            self._report_released(hosted.profile, hosted.tear_down(CALL_DRAIN_TIMEOUT))
-        self.hosted.clear()
-        self._finish_releases(releases_due)
+        self._drop_marker()
+        self._tear_down_everything(time.monotonic() + RELEASE_DRAIN_TIMEOUT)
         super().shutdown(details or 'the session has ended')
 
-    def _finish_releases(self, due: float) -> None:
+    def _drop_marker(self) -> None:
+        """A session without a client to serve presents itself to no broker."""
+        if self._marker >= 0:
+            os.close(self._marker)
+            self._marker = -1
+
+    def _tear_down_everything(self, releases_due: float) -> bool:
+        """Stop every command, tear every resource down and report it released;
+        True if every teardown finished and succeeded."""
+        self.stop_commands()
+        clean = True
+        for hosted in list(self.hosted.values()):
+            torn_down = hosted.tear_down(CALL_DRAIN_TIMEOUT)
+            self._report_released(hosted.profile, torn_down)
+            clean = clean and torn_down
+        self.hosted.clear()
+        return self._finish_releases(releases_due) and clean
+
+    def _finish_releases(self, due: float) -> bool:
         """Report the teardowns under way that end by ``due``; kill what is left of
-        the others, which the broker reclaims once this session has ended."""
+        the others, which the broker reclaims once this session has ended. True if
+        every one ended in time and succeeded."""
+        clean = True
         for hosted in list(self.releasing.values()):
             if hosted.released.wait(max(0.0, due - time.monotonic())):
                 self._report_released(hosted.profile, hosted.clean)
+                clean = clean and hosted.clean
+            else:
+                clean = False
         self.releasing.clear()
         sandbox.current().kill()
+        return clean
 
 
 def _grace_or(value: Any, current: float) -> float:

@@ -9,14 +9,24 @@ gets it, so a killed session still leaves reset relays and no workspace behind.
 
 Forking a session costs the broker loop a few milliseconds, and the new process
 needs a few more before it answers its client: the first ``get`` of every job paid
-for both. So the keeper keeps one *spare* session forked ahead of need, made again
-after each use, at start-up, after a restart and after an adoption. A spare serves
+for both. So the keeper keeps a *spare* session forked ahead of need, made again
+when the last was taken, at start-up, after a restart and after an adoption. A spare serves
 nobody until it is taken: it is not in ``BrokerState`` (no limit, listing, status,
 handover or sweep sees it), it is called ``ave-broker-spare`` (so nothing that looks
-for sessions by name finds it), it holds no rendezvous marker and no cgroup, and has
-no crash grace, so it ends with its broker's link; an orderly stop or a handover
-ends it. Taking it sends it the client it serves (``Session.assigned``) before any
-resource, and moves it into its cgroup.
+for sessions by name finds it), it holds no rendezvous marker, and has no crash
+grace, so it ends with its broker's link; an orderly stop or a handover ends it.
+Taking it sends it the client it serves (``Session.assigned``) before any resource,
+and moves it into its cgroup.
+
+Forking costs more than the fork: every page either process writes afterwards is
+copied, and a broker that forks a session per job spends most of its time per job in
+those faults. So a session whose client has gone is *recycled* where that is safe
+(``Session.recycle``): it tears down as always, takes a new key and, if all went
+cleanly, comes back as a spare (up to ``SPARES_KEPT`` of them wait; one more ends).
+Jobs then run on a few processes and fork nothing, long ones and a stream of short
+ones alike. Not recycled:
+sessions of a lab's jobs (their lifecycle is the lab's), and sessions in a cgroup
+without isolation, whose leftover processes only the session's end kills.
 """
 from __future__ import annotations
 
@@ -43,15 +53,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SESSION_KILL_GRACE = 30.0
-#: Seconds between taking the spare and forking the next: the job that took it is
-#: then past its first calls (connecting, the first resource call), which a fork
+#: Seconds between taking the last spare and forking the next: the job that took it
+#: is then past its first calls (connecting, the first resource call), which a fork
 #: would hold up, as it stalls the broker loop and competes for the CPU (on two CPUs
 #: a job's start took 4.1 ms at p50 and 6.7 ms at p99 with the fork at once, 3.3 and
-#: 4.4 ms with it 5 ms later).
+#: 4.4 ms with it 5 ms later); and by then a short job's session is often back.
 SPARE_DELAY = 0.005
 #: Seconds before a spare is made again after one ended on its own (it crashed, or
 #: could not start): a broken set-up must not become a fork loop.
 SPARE_RETRY_DELAY = 1.0
+#: Spare sessions kept waiting for clients, at most: two, so that of jobs that follow
+#: each other closely one takes a spare while the session of the one before is being
+#: recycled. Only one is forked ahead of need; the second is a recycled session.
+SPARES_KEPT = 2
 
 
 class SessionKeeper:
@@ -61,7 +75,7 @@ class SessionKeeper:
         self.server = server
         self.reclaiming: dict[int, list[Key]] = {}  # reclaimer pid -> keys it tears down
         self.groups = SessionGroups(None)  # the server finds its cgroup as it starts
-        self.spare: SessionRecord | None = None
+        self.spares: list[SessionRecord] = []
         self._spare_due = False  # a timer will make the spare
 
     def start(self, client: Client) -> SessionRecord:
@@ -121,43 +135,44 @@ class SessionKeeper:
     # -- the spare session -------------------------------------------------------------
 
     def replenish(self, delay: float = 0.0) -> None:
-        """Have a spare made ``delay`` seconds from now, from the loop (so never before
-        the reply now being sent)."""
-        if self.spare is None and not self._spare_due and self.server.keep_going:
+        """Have a spare made ``delay`` seconds from now unless one waits by then, from
+        the loop (so never before the reply now being sent)."""
+        if not self.spares and not self._spare_due and self.server.keep_going:
             self._spare_due = True
             self.server.call_later(delay, self._make_spare)
 
     def _make_spare(self) -> None:
         self._spare_due = False
-        if self.spare is not None or not self.server.keep_going:
+        if self.spares or not self.server.keep_going:
             return
         try:
-            self.spare = self._fork(None, 0.0, spare=True)
+            self.spares.append(self._fork(None, 0.0, spare=True))
         except OSError as error:  # out of processes or descriptors: fork on demand
             log.warning('cannot make a spare session (%s); trying again', error)
             self.replenish(SPARE_RETRY_DELAY)
 
     def _take_spare(self, client: dict | None, crash_grace: float) -> SessionRecord | None:
-        """The spare, told whom it serves now; None if there is none that can hear."""
-        record, self.spare = self.spare, None
-        if record is None:
-            return None
-        try:
-            if record.link is None:
-                raise ConnectionClosed('the spare session has no link')
-            self.server.notify(record.link, 'assigned', client, crash_grace)
-        except ConnectionClosed:
-            self._end_spare(record)
-            record = None
+        """A spare, told whom it serves now; None if there is none that can hear."""
+        while self.spares:
+            record = self.spares.pop()  # the one last used: its pages are the warmest
+            try:
+                if record.link is None:
+                    raise ConnectionClosed('the spare session has no link')
+                self.server.notify(record.link, 'assigned', client, crash_grace)
+            except ConnectionClosed:
+                self._end_spare(record)
+                continue
+            self.replenish(SPARE_DELAY)
+            return record
         self.replenish(SPARE_DELAY)
-        return record
+        return None
 
-    def drop_spare(self) -> None:
-        """End the spare (the broker stops, or hands over to a successor, which makes
+    def drop_spares(self) -> None:
+        """End the spares (the broker stops, or hands over to a successor, which makes
         its own): a spare must never outlive the broker that made it, nor be handed
         over as if it were a client's session."""
-        record, self.spare = self.spare, None
-        if record is not None:
+        spares, self.spares = self.spares, []
+        for record in spares:
             self._end_spare(record)
 
     def _end_spare(self, record: SessionRecord) -> None:
@@ -174,10 +189,40 @@ class SessionKeeper:
         record.process.terminate()
 
     def close(self, record: SessionRecord) -> None:
-        """Ask a session to tear its equipment down and end; kill it if it hangs."""
+        """Ask a session to tear its equipment down and end, or to come back as a
+        spare (under a new key) where that is safe; kill it if it hangs."""
         record.closing = True
-        record.process.terminate()
+        if self._recyclable(record):
+            assert record.link is not None
+            record.authkey = secrets.token_urlsafe(32)
+            try:
+                self.server.notify(record.link, 'recycle', record.authkey)
+            except ConnectionClosed:
+                record.process.terminate()
+        else:
+            record.process.terminate()
         self.server.call_later(SESSION_KILL_GRACE, lambda: self._kill_if_running(record))
+
+    def _recyclable(self, record: SessionRecord) -> bool:
+        server = self.server
+        return (server.keep_going and server.lab is None and record.link is not None
+                and not record.link.closed
+                and (server.isolation.enabled or self.groups.parent is None))
+
+    def recycled(self, record: SessionRecord) -> None:
+        """A recycled session tore everything down and reported it released: keep it
+        as a spare, or end it if enough are kept."""
+        if record.keys:  # it cannot have: let it end, and reclaim what it held
+            log.warning('session %d recycled while holding %s', record.pid,
+                        sorted(record.keys))
+            record.process.terminate()
+            return
+        self.server.state.remove_session(record.pid)
+        spare = SessionRecord(record.process, record.port, record.authkey, record.link)
+        if len(self.spares) < SPARES_KEPT and self.server.keep_going:
+            self.spares.append(spare)
+        else:
+            self._end_spare(spare)
 
     def _kill_if_running(self, record: SessionRecord) -> None:
         """A session stuck in teardown is killed, but only while it is unreaped (its pid
@@ -197,15 +242,18 @@ class SessionKeeper:
         if pid in self.reclaiming:
             self._reclaimed(pid, exit)
             return True
-        if self.spare is not None and self.spare.pid == pid:
+        spare = next((record for record in self.spares if record.pid == pid), None)
+        if spare is not None:
             log.warning('the spare session %d ended with status %s', pid, exit)
-            self.drop_spare()
+            self.spares.remove(spare)
+            self._end_spare(spare)
+            self.groups.ended(pid, self.server.call_later)
             self.replenish(SPARE_RETRY_DELAY)
             return True
+        self.groups.ended(pid, self.server.call_later)  # a recycled session had one too
         record = self.server.state.remove_session(pid)
         if record is None:
             return False
-        self.groups.ended(pid, self.server.call_later)
         if exit not in (0, None):
             log.warning('session %d ended with status %s', pid, exit)
         if exit != 0:  # perhaps killed in the middle of a command (None: not our child)

@@ -59,7 +59,7 @@ def hand_over(server: BrokerServer) -> None:
                     error)
         tx.close()
         return
-    server.keeper.drop_spare()  # the successor makes its own; this one is no session
+    server.keeper.drop_spares()  # the successor makes its own; this one is no session
     try:
         handover.checkpoint('old-connected')
         handover.send(tx, *export_state(server))

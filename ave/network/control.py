@@ -573,14 +573,20 @@ class Control(EventLoop):
         if not self.keep_going:
             return
         self.keep_going = False
-        exit_frame = protocol.encode_exception(Exit(details or 'the service has shut down'))
+        self.drop_peers(details or 'the service has shut down')
+        self.stop_listening()
+        self._close_loop()
+
+    def drop_peers(self, details: dict | str, keep: Connection | None = None) -> None:
+        """Tell every peer but ``keep`` ``Exit`` with ``details``, and close them."""
+        exit_frame = protocol.encode_exception(Exit(details))
         deadline = time.monotonic() + EXIT_FLUSH_TIMEOUT
         for peer in list(self._peers.values()):
+            if peer.connection is keep:
+                continue
             if peer.state in (ESTABLISHED, SERVING):
                 peer.connection.deliver(exit_frame, deadline)
             self._close(peer)
-        self.stop_listening()
-        self._close_loop()
 
 
 def _make_listener(host: str, port: int | None,

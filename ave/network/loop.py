@@ -14,11 +14,13 @@ import os
 import selectors
 import signal
 import socket as socketlib
+import threading
 import time
 from collections import deque
 # Imported here, not on first use (``concurrent.futures`` loads it lazily): a forked
 # child (a broker's session) then finds it loaded instead of importing it again.
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, Callable, Protocol
 
 from ave.exceptions import AveException, Exit
@@ -92,6 +94,8 @@ class EventLoop(Process):
         self._waker: _Waker | None = None
         self._from_threads: deque[Callable[[], Any]] = deque()
         self._workers: ThreadPoolExecutor | None = None
+        self._working = 0  # functions given to run_in_thread that have not returned
+        self._work_done = threading.Condition()
         self._terminating = False
         self._handlers: dict[str, Callable[[Any, int], None]] = {
             JOINING: self._on_joining, WAKING: self._on_waking}
@@ -250,13 +254,28 @@ class EventLoop(Process):
 
         def work() -> None:
             try:
-                value = function()
+                done = partial(outcome.result, function())
             except BaseException as error:  # the caller must hear of anything at all
-                failure = error  # ``error`` itself is unbound when the block ends
-                self.call_soon_threadsafe(lambda: outcome.fail(failure))
-                return
-            self.call_soon_threadsafe(lambda: outcome.result(value))
+                done = partial(outcome.fail, error)
+            try:
+                self.call_soon_threadsafe(done)
+            finally:  # idle only once the outcome is queued: see threads_idle()
+                with self._work_done:
+                    self._working -= 1
+                    self._work_done.notify_all()
+        with self._work_done:
+            self._working += 1
         self._workers.submit(work)
+
+    def threads_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no function given to ``run_in_thread``
+        is still running or waiting for a thread, then run the outcomes they queued;
+        True if none is left."""
+        with self._work_done:
+            idle = self._work_done.wait_for(lambda: self._working == 0, timeout)
+        if idle:
+            self._run_from_threads()
+        return idle
 
     def _run_from_threads(self) -> None:
         while self._from_threads and self.keep_going:

@@ -160,3 +160,27 @@ def test_caller_is_restored_after_serving_another_peer_inside_a_request(
     assert len(control.seen_callers) == 1 and control.seen_callers[0].connection \
         is control.side, 'the side request was not served with its own caller'
     theirs.close()
+
+
+class _Outcomes(list):
+    """Where a worker thread's outcome goes: appended, result or error alike."""
+
+    def result(self, value=None):
+        self.append(value)
+
+    def fail(self, error):
+        self.append(error)
+
+
+def test_threads_idle_waits_for_work_in_threads_and_runs_its_outcomes():
+    service = Deferring(port=0)
+    outcomes = _Outcomes()
+    gate = threading.Event()
+    service.run_in_thread(lambda: gate.wait(5) and 'done', outcomes)
+    service.run_in_thread(lambda: 1 / 0, outcomes)
+    assert not service.threads_idle(0.05), 'a thread still at work counted as idle'
+    gate.set()
+    assert service.threads_idle(5)
+    assert sorted(map(str, outcomes)) == ['division by zero', 'done'], \
+        'outcomes queued by the threads must have run when threads_idle returns'
+    service.shutdown()
