@@ -14,7 +14,7 @@ import signal
 import psutil
 import pytest
 
-from support import wait_until
+from support import reported_pid, wait_until
 from ave.broker.client import Broker, ResourceProxy
 from ave.broker.daemon import wait_for_exit
 from ave.broker.sessions import SPARES_KEPT
@@ -218,3 +218,27 @@ def test_clients_cannot_recycle_a_session(start_broker):
     with pytest.raises(AuthError):
         session.recycle('k' * 43)
     assert workspace.get_path() == path
+
+
+def test_a_session_recycling_across_a_restart_serves_the_successor(start_broker, tmp_path):
+    log, gate = tmp_path / 'relay.log', tmp_path / 'gate'
+    reset = (f'echo reset >> {log}; i=0; while [ -e {gate} ] && [ $i -lt 300 ]; '
+             f'do sleep 0.1; i=$((i + 1)); done')
+    lab = start_broker(equipment=[{'type': 'relay', 'uid': 'r1', 'circuits': {'c1': {
+        'open': ['sh', '-c', reset], 'close': ['true'], 'default': 'open'}}}])
+    try:
+        with Broker(lab.address) as client:
+            client.get(R1).get_profile()
+            pid = session_pid(lab)
+            gate.touch()
+        assert wait_until(lambda: resets(log) == 2), 'the reset on recycling did not start'
+        result = lab.cli('--restart')
+        assert result.returncode == 0, result.stderr
+        lab.pid = reported_pid(result.stdout)
+    finally:
+        gate.unlink(missing_ok=True)
+    assert wait_until(lambda: psutil.Process(pid).name() == SPARE, 10), \
+        'the successor did not keep the recycled session as a spare'
+    with Broker(lab.address) as client:
+        assert client.get(R1).get_profile()['uid'] == 'r1'
+    assert resets(log) == 2, 'the relay reset on recycling was not reported to the successor'
