@@ -42,13 +42,14 @@ import signal
 import socket as socketlib
 import threading
 import time
+from collections import deque
 from typing import Any, Callable
 
 from ave import sandbox
 from ave.broker import rendezvous
 from ave.broker.exceptions import NotAllocated
 from ave.equipment import EquipmentType, Resource
-from ave.exceptions import AuthError, AveException, details_of
+from ave.exceptions import AuthError, AveException, Exit, details_of
 from ave.network.connection import Connection
 from ave.network.control import Control
 from ave.network.exceptions import ConnectionClosed
@@ -71,6 +72,11 @@ RELEASE_DRAIN_TIMEOUT = 20.0
 RECYCLE_IDLE_TIMEOUT = 1.0
 #: The shortest session key ``recycle`` accepts (as made by ``secrets.token_urlsafe(32)``).
 MIN_KEY_LENGTH = 32
+#: Keys of the jobs a recycled session served last, still recognised so that a job
+#: whose session ended hears ``Exit`` (as from a session that is gone) rather than
+#: that its key is wrong; each costs every handshake one more HMAC.
+RETIRED_KEYS = 8
+RETIRED = 'retired-'  # the accounts that recognise them: retired-0, retired-1, ...
 
 #: Process names: a session's, and a spare's until it is assigned (the kernel keeps
 #: 15 characters, so the two still differ there).
@@ -189,6 +195,7 @@ class Session(Control):
         self.orphaned_at: float | None = None  # monotonic time the broker was lost
         self.spare = spare
         self.ending = False  # tearing down for good: a broker that leaves now is expected
+        self.retired_keys: deque[str] = deque(maxlen=RETIRED_KEYS)
         self._marker = -1
 
     def close_fds(self, exclude: list[int]) -> None:
@@ -309,7 +316,7 @@ class Session(Control):
         self._require_broker()
         if not isinstance(authkey, str) or len(authkey) < MIN_KEY_LENGTH:
             raise AveException('recycle() takes a new session key')
-        self.authkey = authkey  # the old key opens nothing from here on
+        self._retire_key(authkey)
         self.crash_grace = 0.0  # no client to outlive a broker crash for
         self.ending = True  # a broker lost meanwhile is seen below, not halfway through
         self._drop_marker()
@@ -324,6 +331,14 @@ class Session(Control):
             self.notify(self.broker, 'recycled')
         except ConnectionClosed:
             self.shutdown('the broker is gone')
+
+    def _retire_key(self, authkey: str) -> None:
+        """Serve under ``authkey`` from now on: the old key opens nothing any more, and
+        is only recognised to tell its holder that its session ended."""
+        if self.authkey is not None:
+            self.retired_keys.append(self.authkey)
+        self.alt_keys = {f'{RETIRED}{n}': key for n, key in enumerate(self.retired_keys)}
+        self.authkey = authkey
 
     def _forget_client(self) -> None:
         """Become a spare: nothing of the client stays, its garbage included (a
@@ -363,6 +378,9 @@ class Session(Control):
         if resource is None:
             return super().rpc_function(method, resource)
         if self.caller is None or not self.caller.primary:
+            if self.caller is not None and any(account.startswith(RETIRED)
+                                               for account in self.caller.accounts):
+                raise Exit('the session has ended')
             raise AuthError('resource calls require the session key')
         key = self._key_of(resource)
         if key not in self.hosted:

@@ -18,7 +18,7 @@ from support import reported_pid, wait_until
 from ave.broker.client import Broker, ResourceProxy
 from ave.broker.daemon import wait_for_exit
 from ave.broker.sessions import SPARES_KEPT
-from ave.exceptions import AuthError, AveException
+from ave.exceptions import AuthError, Exit
 from ave.network.control import RemoteControl
 
 pytestmark = pytest.mark.timeout(120)
@@ -97,9 +97,10 @@ def test_the_next_job_runs_in_the_same_process_under_a_new_key(start_broker, tmp
         assert resets(log) == 2, 'a relay released cleanly was reset again when allocated'
         assert session_pid(lab) == pid
         assert relay._address == address and relay._authkey != old_key
-        stale = ResourceProxy(address, old_key, R1, timeout=5)
+        with pytest.raises(Exit, match='the session has ended'):
+            ResourceProxy(address, old_key, R1, timeout=5).get_profile()
         with pytest.raises(AuthError):
-            stale.get_profile()
+            ResourceProxy(address, 'x' * 43, R1, timeout=5).get_profile()
         assert relay.get_profile()['uid'] == 'r1', 'the stale key disturbed the session'
     assert recycled(lab, pid)
     assert resets(log) == 3, 'the relay was not reset when the second job left'
@@ -113,7 +114,7 @@ def test_a_job_still_connected_hears_its_session_ended(start_broker, tmp_path):
     pid = session_pid(lab)
     lab.client(lab.admin_key).close_session(R1)
     assert recycled(lab, pid)
-    with pytest.raises(AveException):
+    with pytest.raises(Exit):
         relay.get_profile()
     assert lab.client().get(R1).get_profile()['uid'] == 'r1'
 
