@@ -3,6 +3,8 @@ import re
 import time
 from pathlib import Path
 
+import psutil
+
 DATA = Path(__file__).resolve().parent / 'data'
 # The serial of the handset described by tests/data/handset.umockdev.
 HANDSET_SERIAL = '2A111FDH200B7Q'
@@ -34,3 +36,20 @@ def reported_pid(output: str) -> int:
 
 def first_line(output: str) -> str:
     return output.splitlines()[0] if output else ''
+
+
+def children_named(pid: int, name: str) -> list:
+    """The live (not zombie) children of ``pid`` called ``name`` (as the kernel keeps
+    it: 15 characters)."""
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for child in children:
+        try:
+            if child.name() == name and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found

@@ -14,7 +14,7 @@ import signal
 import psutil
 import pytest
 
-from support import reported_pid, wait_until
+from support import children_named, reported_pid, wait_until
 from ave.broker.client import Broker, ResourceProxy
 from ave.broker.daemon import wait_for_exit
 from ave.broker.sessions import SPARES_KEPT
@@ -40,18 +40,7 @@ def logged_relay(log, fail_while=None):
 
 
 def live_children(lab, name):
-    try:
-        children = psutil.Process(lab.pid).children()
-    except psutil.NoSuchProcess:
-        return []
-    found = []
-    for child in children:
-        try:
-            if child.name() == name and child.status() != psutil.STATUS_ZOMBIE:
-                found.append(child)
-        except psutil.NoSuchProcess:
-            continue
-    return found
+    return children_named(lab.pid, name)
 
 
 def spare_pids(lab):

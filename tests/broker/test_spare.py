@@ -10,7 +10,7 @@ import signal
 import psutil
 import pytest
 
-from support import reported_pid, wait_until
+from support import children_named, reported_pid, wait_until
 from ave.broker.daemon import wait_for_exit
 from ave.broker.exceptions import Busy
 from ave.broker.sessions import SPARE_RETRY_DELAY
@@ -24,21 +24,6 @@ RELAY = {'type': 'relay', 'uid': 'r1',
 R1 = {'type': 'relay', 'uid': 'r1'}
 # The kernel keeps 15 characters of a process name.
 SPARE, SESSION = 'ave-broker-spar', 'ave-broker-sess'
-
-
-def children_named(pid, name):
-    try:
-        children = psutil.Process(pid).children()
-    except psutil.NoSuchProcess:
-        return []
-    found = []
-    for child in children:
-        try:
-            if child.name() == name and child.status() != psutil.STATUS_ZOMBIE:
-                found.append(child)
-        except psutil.NoSuchProcess:
-            continue
-    return found
 
 
 def the_spare(lab, timeout=5.0):
