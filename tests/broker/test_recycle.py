@@ -232,3 +232,13 @@ def test_a_session_recycling_across_a_restart_serves_the_successor(start_broker,
     with Broker(lab.address) as client:
         assert client.get(R1).get_profile()['uid'] == 'r1'
     assert resets(log) == 2, 'the relay reset on recycling was not reported to the successor'
+
+
+def test_only_a_session_asked_to_recycle_reports_recycled(start_broker):
+    lab = start_broker()
+    workspace = lab.client().get(WORKSPACE)
+    for key in (None, lab.admin_key):
+        with pytest.raises(AuthError):
+            RemoteControl(lab.address, authkey=key, timeout=5).recycled()
+    assert workspace.get_path(), 'the session was disturbed'
+    assert lab.client().get(WORKSPACE).get_path()
