@@ -10,10 +10,10 @@ gets it, so a killed session still leaves reset relays and no workspace behind.
 Forking a session costs the broker loop a few milliseconds, and the new process
 needs a few more before it answers its client: the first ``get`` of every job paid
 for both. So the keeper keeps a *spare* session forked ahead of need, made again
-when the last was taken, at start-up, after a restart and after an adoption. A spare serves
-nobody until it is taken: it is not in ``BrokerState`` (no limit, listing, status,
-handover or sweep sees it), it is called ``ave-broker-spare`` (so nothing that looks
-for sessions by name finds it), it holds no rendezvous marker, and has no crash
+when the last was taken, at start-up, after a restart and after an adoption. A spare
+serves nobody until it is taken: it is not in ``BrokerState`` (no limit, listing,
+status, handover or sweep sees it), it is called ``ave-broker-spare`` (so nothing that
+looks for sessions by name finds it), it holds no rendezvous marker, and has no crash
 grace, so it ends with its broker's link; an orderly stop or a handover ends it.
 Taking it sends it the client it serves (``Session.assigned``) before any resource,
 and moves it into its cgroup.
@@ -24,9 +24,9 @@ those faults. So a session whose client has gone is *recycled* where that is saf
 (``Session.recycle``): it tears down as always, takes a new key and, if all went
 cleanly, comes back as a spare (up to ``SPARES_KEPT`` of them wait; one more ends).
 Jobs then run on a few processes and fork nothing, long ones and a stream of short
-ones alike. Not recycled:
-sessions of a lab's jobs (their lifecycle is the lab's), and sessions in a cgroup
-without isolation, whose leftover processes only the session's end kills.
+ones alike. Not recycled: sessions of a lab's jobs (their lifecycle is the lab's),
+and sessions in a cgroup without isolation, whose leftover processes only the
+session's end kills.
 """
 from __future__ import annotations
 
