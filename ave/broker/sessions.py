@@ -62,10 +62,12 @@ SPARE_DELAY = 0.005
 #: Seconds before a spare is made again after one ended on its own (it crashed, or
 #: could not start): a broken set-up must not become a fork loop.
 SPARE_RETRY_DELAY = 1.0
-#: Spare sessions kept waiting for clients, at most: two, so that of jobs that follow
-#: each other closely one takes a spare while the session of the one before is being
-#: recycled. Only one is forked ahead of need; the second is a recycled session.
-SPARES_KEPT = 2
+#: Spare sessions kept waiting for clients, at most. Jobs that follow each other
+#: closely take spares while the sessions of those before them are being recycled;
+#: with two kept, a stream of short jobs on two CPUs still forked every few dozen jobs
+#: (a session was ended as one too many, then missed), with four it forked none. Only
+#: one is forked ahead of need; the others are recycled sessions.
+SPARES_KEPT = 4
 
 
 class SessionKeeper:
