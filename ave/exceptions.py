@@ -7,10 +7,15 @@ RPC exception reply, so a client can rebuild the same typed exception with
 """
 from __future__ import annotations
 
+import threading
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 _REGISTRY: dict[str, type['AveException']] = {}
+#: Imports that may register more types, run once, when a reply first names a type
+#: that is not registered (a client imports equipment plug-ins only then).
+_LOADERS: list[Callable[[], None]] = []
+_LOADING = threading.Lock()
 
 
 class AveException(Exception):
@@ -121,10 +126,21 @@ def exception_factory(details: dict) -> AveException:
     """
     if not isinstance(details, dict):
         details = {'message': str(details)}
-    cls = _REGISTRY.get(str(details.get('type')), AveException)
+    name = str(details.get('type'))
+    if name not in _REGISTRY and _LOADERS:
+        with _LOADING:  # another thread's reply may be loading them right now
+            while name not in _REGISTRY and _LOADERS:
+                _LOADERS.pop()()
+    cls = _REGISTRY.get(name, AveException)
     exc = cls.__new__(cls)
     AveException._set_details(exc, details)
     return exc
+
+
+def load_types_when_unknown(loader: Callable[[], None]) -> None:
+    """Run ``loader`` (it imports modules that define exception types) the first time
+    a reply names a type not registered by then, and never before."""
+    _LOADERS.append(loader)
 
 
 def trace_of(exc: BaseException) -> list[list]:

@@ -62,3 +62,26 @@ def test_leaving_the_broker_closes_the_shared_connections(start_broker):
     port = relay._address[1]
     client.__exit__(None, None, None)
     assert wait_until(lambda: clients_of(port) == []), 'a pooled connection stayed open'
+
+
+TYPED_ERROR_JOB = '''
+import sys
+from ave.broker.client import Broker
+with Broker(('127.0.0.1', int(sys.argv[1]))) as broker:
+    relay = broker.get({'type': 'relay', 'uid': 'r1'})
+    relay.get_profile()
+    loaded_first = 'ave.equipment.relay' in sys.modules
+    try:
+        relay.set_circuit('c1', True)
+    except Exception as error:
+        print(loaded_first, type(error).__module__, type(error).__name__, flush=True)
+'''
+
+
+def test_a_plugins_error_arrives_typed_in_a_job_that_never_imported_it(start_broker, jobs):
+    lab = start_broker(equipment=[{'type': 'relay', 'uid': 'r1', 'circuits': {'c1': {
+        'open': ['true'], 'close': ['false'], 'default': 'open'}}}])
+    job = jobs(TYPED_ERROR_JOB, lab.port)
+    out, _ = job.communicate(timeout=30)
+    assert out.split() == ['False', 'ave.equipment.relay', 'RelayError'], \
+        'plug-ins were imported before an error needed them, or the error came untyped'
