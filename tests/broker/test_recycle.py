@@ -242,3 +242,31 @@ def test_only_a_session_asked_to_recycle_reports_recycled(start_broker):
             RemoteControl(lab.address, authkey=key, timeout=5).recycled()
     assert workspace.get_path(), 'the session was disturbed'
     assert lab.client().get(WORKSPACE).get_path()
+
+
+CHURN_JOB = '''
+import sys, time
+from ave.broker.client import Broker
+port, jobs, deadline = int(sys.argv[1]), int(sys.argv[2]), time.monotonic() + 60
+done = 0
+while done < jobs and time.monotonic() < deadline:
+    with Broker(('127.0.0.1', port)) as broker:
+        relay, workspace = broker.get({'type': 'relay'}, {'type': 'workspace'}, wait=30)
+        relay.get_profile()
+        workspace.write_tempfile('x')
+    done += 1
+print(done, flush=True)
+'''
+
+
+def test_jobs_coming_and_going_at_once_leave_everything_free(start_broker, jobs, tmp_path):
+    relays = [dict(logged_relay(tmp_path / f'{n}.log'), uid=f'r{n}') for n in range(3)]
+    lab = start_broker(equipment=relays)
+    started = [jobs(CHURN_JOB, lab.port, 25) for _ in range(4)]
+    assert [job.communicate(timeout=90)[0].strip() for job in started] == ['25'] * 4
+    admin = lab.client(lab.admin_key)
+    assert wait_until(lambda: len(admin.list_available()) == 3, 10), 'a relay stayed taken'
+    assert wait_until(lambda: not live_children(lab, SESSION), 10)
+    assert len(spare_pids(lab)) <= SPARES_KEPT
+    workspaces = os.path.join(lab.home, '.ave', 'workspaces')
+    assert not os.path.isdir(workspaces) or os.listdir(workspaces) == []
