@@ -155,19 +155,18 @@ class SessionKeeper:
 
     def _take_spare(self, client: dict | None, crash_grace: float) -> SessionRecord | None:
         """A spare, told whom it serves now; None if there is none that can hear."""
-        while self.spares:
-            record = self.spares.pop()  # the one last used: its pages are the warmest
+        record = None
+        while self.spares and record is None:
+            spare = self.spares.pop()  # the one last used: its pages are the warmest
             try:
-                if record.link is None:
+                if spare.link is None:
                     raise ConnectionClosed('the spare session has no link')
-                self.server.notify(record.link, 'assigned', client, crash_grace)
+                self.server.notify(spare.link, 'assigned', client, crash_grace)
+                record = spare
             except ConnectionClosed:
-                self._end_spare(record)
-                continue
-            self.replenish(SPARE_DELAY)
-            return record
+                self._end_spare(spare)
         self.replenish(SPARE_DELAY)
-        return None
+        return record
 
     def drop_spares(self) -> None:
         """End the spares (the broker stops, or hands over to a successor, which makes
@@ -194,22 +193,23 @@ class SessionKeeper:
         """Ask a session to tear its equipment down and end, or to come back as a
         spare (under a new key) where that is safe; kill it if it hangs."""
         record.closing = True
-        if self._recyclable(record):
-            assert record.link is not None
-            record.authkey = secrets.token_urlsafe(32)
-            try:
-                self.server.notify(record.link, 'recycle', record.authkey)
-            except ConnectionClosed:
-                record.process.terminate()
-        else:
+        if not self._ask_to_recycle(record):
             record.process.terminate()
         self.server.call_later(SESSION_KILL_GRACE, lambda: self._kill_if_running(record))
 
-    def _recyclable(self, record: SessionRecord) -> bool:
+    def _ask_to_recycle(self, record: SessionRecord) -> bool:
+        """Send a session where it is safe to recycle it its new key; False if it is
+        not, or cannot hear."""
         server = self.server
-        return (server.keep_going and server.lab is None and record.link is not None
-                and not record.link.closed
-                and (server.isolation.enabled or self.groups.parent is None))
+        if not (server.keep_going and server.lab is None and record.link is not None
+                and (server.isolation.enabled or self.groups.parent is None)):
+            return False
+        record.authkey = secrets.token_urlsafe(32)
+        try:
+            server.notify(record.link, 'recycle', record.authkey)
+        except ConnectionClosed:
+            return False
+        return True
 
     def recycled(self, record: SessionRecord) -> None:
         """A recycled session tore everything down and reported it released: keep it
@@ -244,15 +244,14 @@ class SessionKeeper:
         if pid in self.reclaiming:
             self._reclaimed(pid, exit)
             return True
+        self.groups.ended(pid, self.server.call_later)  # a recycled spare has one too
         spare = next((record for record in self.spares if record.pid == pid), None)
         if spare is not None:
             log.warning('the spare session %d ended with status %s', pid, exit)
             self.spares.remove(spare)
             self._end_spare(spare)
-            self.groups.ended(pid, self.server.call_later)
             self.replenish(SPARE_RETRY_DELAY)
             return True
-        self.groups.ended(pid, self.server.call_later)  # a recycled session had one too
         record = self.server.state.remove_session(pid)
         if record is None:
             return False
