@@ -43,6 +43,7 @@ import socket as socketlib
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ave import sandbox
@@ -77,6 +78,12 @@ MIN_KEY_LENGTH = 32
 #: that its key is wrong; each costs every handshake one more HMAC.
 RETIRED_KEYS = 8
 RETIRED = 'retired-'  # the accounts that recognise them: retired-0, retired-1, ...
+#: How far a session's resident memory and open descriptors may have grown since it
+#: first waited as a spare and still be recycled. Nothing a job does is known to leave
+#: either behind (a test watches both over 44 jobs); these bounds make that a promise
+#: even for a plug-in that leaks, by ending such a process instead of reusing it.
+RECYCLE_MEMORY_GROWTH = 64 * 2**20
+RECYCLE_DESCRIPTOR_GROWTH = 32
 
 #: Process names: a session's, and a spare's until it is assigned (the kernel keeps
 #: 15 characters, so the two still differ there).
@@ -197,6 +204,7 @@ class Session(Control):
         self.ending = False  # tearing down for good: a broker that leaves now is expected
         self.retired_keys: deque[str] = deque(maxlen=RETIRED_KEYS)
         self._marker = -1
+        self._footprint_at_start = Footprint(0, 0)
 
     def close_fds(self, exclude: list[int]) -> None:
         super().close_fds(exclude + [self.broker.fileno()])
@@ -211,6 +219,7 @@ class Session(Control):
         sandbox.install(sandbox.Sandbox(self.isolated, self.hidden))
         self.add_connection(self.broker, self.authkey)
         self._hold_marker()
+        self._footprint_at_start = Footprint.now()
         if self.spare:  # start the worker thread now, not on the first client's time
             self.run_in_thread(lambda: None, _Then(lambda _: None, self._log_failure))
 
@@ -326,6 +335,12 @@ class Session(Control):
             log.warning('not every resource came down cleanly; ending the session')
             self.shutdown('the session has ended')
             return
+        growth = self._footprint_at_start.outgrown_by(Footprint.now())
+        if growth:
+            log.warning('%s since the session started; ending it instead of reusing it',
+                        growth)
+            self.shutdown('the session has ended')
+            return
         self._forget_client()
         try:
             self.notify(self.broker, 'recycled')
@@ -350,6 +365,7 @@ class Session(Control):
         self.ending = False
         self.proc_name = SPARE_PROC_NAME
         self.perform_prctl()
+        sandbox.install(sandbox.Sandbox(self.isolated, self.hidden))
         gc.collect()
 
     @Control.rpc
@@ -508,6 +524,29 @@ class Session(Control):
         self.releasing.clear()
         sandbox.current().kill()
         return clean
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a process holds that a leak would grow: resident bytes, open descriptors."""
+    resident: int
+    descriptors: int
+
+    @staticmethod
+    def now() -> 'Footprint':
+        with open('/proc/self/statm', 'rb') as statm:
+            resident_pages = int(statm.read().split()[1])
+        return Footprint(resident_pages * os.sysconf('SC_PAGE_SIZE'),
+                         len(os.listdir('/proc/self/fd')))
+
+    def outgrown_by(self, later: 'Footprint') -> str:
+        """What grew past the bounds a recycled session keeps to ('' if nothing)."""
+        if later.resident - self.resident > RECYCLE_MEMORY_GROWTH:
+            return (f'resident memory grew by {(later.resident - self.resident) >> 20} '
+                    'MiB')
+        if later.descriptors - self.descriptors > RECYCLE_DESCRIPTOR_GROWTH:
+            return f'{later.descriptors - self.descriptors} more descriptors are open'
+        return ''
 
 
 def _grace_or(value: Any, current: float) -> float:

@@ -8,15 +8,21 @@ as before, and no more than ``SPARES_KEPT`` wait.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
 import psutil
 import pytest
-
 from support import children_named, reported_pid, wait_until
+
 from ave.broker.client import Broker, ResourceProxy
 from ave.broker.daemon import wait_for_exit
+from ave.broker.session import (
+    RECYCLE_DESCRIPTOR_GROWTH,
+    RECYCLE_MEMORY_GROWTH,
+    Footprint,
+)
 from ave.broker.sessions import SPARES_KEPT
 from ave.exceptions import AuthError, Exit
 from ave.network.control import RemoteControl
@@ -270,3 +276,19 @@ def test_jobs_coming_and_going_at_once_leave_everything_free(start_broker, jobs,
     assert len(spare_pids(lab)) <= SPARES_KEPT
     workspaces = os.path.join(lab.home, '.ave', 'workspaces')
     assert not os.path.isdir(workspaces) or os.listdir(workspaces) == []
+
+
+def test_a_footprint_grown_past_its_bounds_is_reported(tmp_path):
+    """The measure a session takes before it is reused: a leak of descriptors or of
+    memory in this very process shows, and ordinary churn does not."""
+    start = Footprint.now()
+    assert start.outgrown_by(Footprint.now()) == ''
+    with contextlib.ExitStack() as files:
+        for n in range(RECYCLE_DESCRIPTOR_GROWTH + 1):
+            files.enter_context(open(tmp_path / f'f{n}', 'w'))
+        assert 'descriptors' in start.outgrown_by(Footprint.now())
+    assert start.outgrown_by(Footprint.now()) == ''
+    hoard = bytearray(RECYCLE_MEMORY_GROWTH + 16 * 2**20)
+    hoard[::4096] = b'x' * len(hoard[::4096])   # touch every page: resident, not reserved
+    assert 'resident memory grew' in start.outgrown_by(Footprint.now())
+    del hoard
