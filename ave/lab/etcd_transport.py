@@ -7,7 +7,8 @@ share of what is left, so one paused member (it accepts connections, it never an
 cannot take the whole budget from the others; a write's try gets all of it, because a
 write that was sent cannot move on anyway, and a member that is merely slow (a disk
 stall) should get to answer it. When every endpoint failed, the round is repeated after
-a short pause (an election takes a moment) until the deadline.
+a short pause (an election takes a moment) while enough time is left for a try to be
+answered; a try begun just before the deadline could only run out of time.
 
 Whether a failure may be retried depends on what reached the server:
 
@@ -52,6 +53,11 @@ IDLE_PER_ENDPOINT = 4
 RECEIVE_SIZE = 256 * 1024
 FIRST_PAUSE = 0.025
 LONGEST_PAUSE = 0.4
+#: A round is tried again only if, after its pause, this much of the call's time is
+#: left (or a quarter of its timeout, if that is less). A try started just before the
+#: deadline can only time out: a write that every member refused would end as "outcome
+#: unknown", and the error would say "no answer in time" instead of why they refused.
+SHORTEST_TRY = 0.2
 HEADERS = (('Content-Type', 'application/json'), ('Grpc-Metadata-hasleader', 'true'))
 
 
@@ -287,6 +293,7 @@ class Transport:
         broken: set[Endpoint] = set()
         last = 'no endpoint tried'
         pause = FIRST_PAUSE
+        shortest_try = min(SHORTEST_TRY, timeout / 4)
         while True:
             order = [e for e in self._rotation(candidates) if e not in broken]
             if not order:
@@ -308,12 +315,11 @@ class Transport:
                     continue
                 self._prefer(endpoint)
                 return result
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if deadline - time.monotonic() < pause + shortest_try:
                 raise EtcdUnavailable(
                     f'{operation}: no etcd endpoint answered within {timeout:g} s '
                     f'({", ".join(e.url for e in candidates)}); last: {last}')
-            time.sleep(min(pause, remaining))
+            time.sleep(pause)
             pause = min(pause * 2, LONGEST_PAUSE)
 
     @staticmethod

@@ -137,8 +137,8 @@ class EtcdNode:
         return isinstance(header, dict) and header.get('member_id') == status['leader']
 
     def wait_leaderless(self, timeout: float = 15.0) -> None:
-        """Return once the member itself reports no leader (its status omits the field
-        or says 0). How soon that is after its peers die depends on its election timer
+        """Return once the member itself reports no leader (its status has no leader
+        field, or 0). How soon that is after its peers die depends on its election timer
         and on how busy the machine is, so tests wait for it rather than sleep."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -146,7 +146,8 @@ class EtcdNode:
                 answer = _http(self.endpoint, 'POST', '/v3/maintenance/status', b'{}', 1.0)
             except (OSError, http.client.HTTPException, ValueError):
                 answer = None
-            if isinstance(answer, dict) and str(answer.get('leader', '0')) == '0':
+            if isinstance(answer, dict) and 'header' in answer \
+                    and str(answer.get('leader', '0')) == '0':
                 return
             time.sleep(0.05)
         raise RuntimeError(f'etcd {self.name} still reports a leader after {timeout:g} s:\n'

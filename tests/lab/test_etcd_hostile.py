@@ -243,6 +243,32 @@ def test_write_to_a_broken_server_is_reported_as_of_unknown_outcome(serve, behav
     assert took < TIMEOUT + SLACK
 
 
+NO_LEADER = b'{"error":"etcdserver: no leader","message":"etcdserver: no leader","code":14}'
+
+
+def no_leader(sock):
+    """A member cut off from its leader: a moment's thought, then a clean refusal."""
+    time.sleep(0.05)
+    sock.sendall(b'HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n'
+                 b'Content-Length: %d\r\n\r\n' % len(NO_LEADER) + NO_LEADER)
+
+
+# Deadlines that fall while the try after the 2nd, 3rd, ... pause awaits its answer
+# (tries start near 0.075, 0.175, 0.325, 0.575, 1.025 s).
+@pytest.mark.parametrize('timeout', [0.2, 0.35, 0.6, 1.05, 1.5])
+def test_refused_until_the_deadline_still_says_why_and_leaves_no_doubt(serve, timeout):
+    """The retry loop never starts a try it has no time to finish: that try could
+    only time out, and turn a refusal into "no answer" (a write into "outcome
+    unknown"), whenever the deadline fell in a pause."""
+    server = serve(no_leader)
+    with Etcd([server.url], timeout=timeout) as client:
+        for call in (lambda: client.get('lab/a'), lambda: client.put('lab/a', 'x')):
+            raised, took, _ = timed(call)
+            assert type(raised) is EtcdUnavailable, repr(raised)
+            assert 'no leader' in str(raised), str(raised)
+            assert took < timeout + SLACK
+
+
 def test_reads_pass_over_a_broken_endpoint_to_a_working_one(serve, etcd_node):
     server = serve(binary_garbage)
     with Etcd([etcd_node.endpoint]) as direct:
