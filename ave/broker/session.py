@@ -321,7 +321,8 @@ class Session(Control):
     def recycle(self, authkey: Any) -> None:
         """The client is gone: tear its equipment down and wait for the next client as
         a spare under the new ``authkey``, or end if anything did not come down cleanly
-        (one-way, broker only). The broker hears ``recycled`` or sees the process end."""
+        or the process has grown past the bounds of reuse (one-way, broker only). The
+        broker hears ``recycled`` or sees the process end."""
         self._require_broker()
         if not isinstance(authkey, str) or len(authkey) < MIN_KEY_LENGTH:
             raise AveException('recycle() takes a new session key')
