@@ -136,6 +136,7 @@ def url_of(process: HttpProcess) -> str:
 
 def test_the_page_lists_equipment_holders_and_the_queue(lab, tmp_path):
     dom = rendered_dom(tmp_path, url_of(lab))
+    aged = time.time() - lab.json('/api/equipment')['time']
     found = rows_of(dom)
     equipment = [row for row in found.rows['equipment'] if not row.startswith('Item ')]
     assert any(row.startswith('r1') and 'held' in row and 'alice@ws1' in row
@@ -144,7 +145,11 @@ def test_the_page_lists_equipment_holders_and_the_queue(lab, tmp_path):
     assert sum('offline' in row for row in equipment) == 4
     assert found.headings == ['host-a', 'handset (1)', 'relay (1)', 'host-b', 'relay (4)']
     queue = [row for row in found.rows['queue'] if not row.startswith('#')]
-    assert queue == ['1 bob@ws1 flash.py, pid 4242 ci.example/job/17 relay,uid=r1 0 42 s']
+    # The page adds the snapshot's age to the 42 s it says the request had waited.
+    [row] = queue
+    start, waited = row.rsplit(' ', 2)[0], int(row.rsplit(' ', 2)[1])
+    assert start == '1 bob@ws1 flash.py, pid 4242 ci.example/job/17 relay,uid=r1 0'
+    assert 42 <= waited <= 42 + aged + 1 and row.endswith(' s'), row
     assert 'id="problem" class="problem" hidden' in dom, 'no warning for a fresh snapshot'
 
 
