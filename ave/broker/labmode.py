@@ -58,6 +58,7 @@ class LabMode:
         self.revisions: dict[ItemRef, int] = {}     # ... -> revision of its hold
         self.resetting: dict[Key, ItemRef] = {}     # items let go, being reset here
         self._dropping: dict[ItemRef, int] = {}     # holds being deleted (revision)
+        self.voided: dict[ItemRef, int] = {}        # holds a fence ended (revision)
         self._published: dict[str, dict] = {}       # sessions as last put, by job
         self._deadline_at: float | None = None
 
@@ -250,10 +251,13 @@ class LabMode:
                 self._unhost(ref, job)
         self._dropping = {ref: revision for ref, revision in self._dropping.items()
                           if ref in holds}
+        self._forget_voided()
         for ref, hold in holds.items():
             if hold.get('yielded'):
                 if ref not in self.resetting.values():
                     self._drop_hold(ref)  # nothing here to reset (a restart's leftover)
+            elif ref in self.voided:
+                self._drop_voided(ref)
             elif ref not in self.owned:
                 self._host_item(ref, hold)
             if ref in self.owned:
@@ -327,6 +331,31 @@ class LabMode:
                        self.agent._ignore,
                        lambda error: log.warning('lab: a hold stays after a reset: %s', error))
 
+    def _forget_voided(self) -> None:
+        """Void holds that went (deleted, expired) or were replaced by a new grant
+        need nothing more."""
+        mirror = self.agent.mirror
+        for ref, revision in list(self.voided.items()):
+            entry = mirror.get(self.keys.hold(*ref))
+            if entry is None or entry.mod_revision != revision:
+                del self.voided[ref]
+
+    def _drop_voided(self, ref: ItemRef) -> None:
+        """Delete a hold whose session a fence ended, if it is still that hold."""
+        revision = self.voided[ref]
+        if self._dropping.get(ref) == revision:
+            return  # on its way out
+        self._dropping[ref] = revision
+        key = self.keys.hold(*ref)
+        log.info('lab: %s %s: letting go of the hold whose session the fence ended',
+                 ref[1], ref[2])
+
+        def failed(error: BaseException) -> None:
+            log.warning('lab: a void hold stays for now: %s', error)
+            self._dropping.pop(ref, None)  # the next change tries again
+        self.agent.txn([Compare.mod_revision(key, revision)], [Op.delete(key)],
+                       self.agent._ignore, failed)
+
     def session_ended(self, record: SessionRecord) -> None:
         """A hosted session died: its job loses what it held here (the broker has the
         items reset), and its client hears of it at its next call, as on a lone broker."""
@@ -341,9 +370,17 @@ class LabMode:
             self.resetting[(ref[1], ref[2])] = ref
 
     def _end_hosted(self, why: str) -> None:
+        """End every session hosted here (fenced). The holds they served are void:
+        once etcd answers again they are deleted, not hosted anew, so the job (whose
+        proxies lost their session) no longer holds the items and others may have
+        them; a job's hold that its broker's lease kept would otherwise leave the
+        item held by a session nobody can reach."""
         for ref, job in list(self.owned.items()):
             log.warning('lab: ending the session of job %s on %s %s: %s', job, ref[1],
                         ref[2], why)
+            entry = self.agent.mirror.get(self.keys.hold(*ref))
+            if entry is not None:
+                self.voided[ref] = entry.mod_revision
             self._unhost(ref, job)
         for job in list(self.hosted):
             self.server.keeper.close(self.hosted.pop(job))

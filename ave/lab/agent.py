@@ -14,7 +14,8 @@ The fence. A broker that has not renewed its lease for ``ttl / 2`` stops decidin
 and granting (``available`` is False: a ``get`` raises LabUnavailable); once it has
 not for ``ttl`` it can no longer prove that its lease, and so any hold under it,
 still exists, and ``fenced`` tells the broker to end the sessions it hosts. When etcd
-answers again the broker joins anew (a new lease if the old one expired).
+answers again the fence is lifted: at once if the lease is renewed (it outlived the
+silence), else once the broker has joined anew with a new lease.
 
 History. Every change adds a revision to etcd's history, which grows until it is
 compacted; etcd refuses all writes once its database reaches its quota. The leader
@@ -176,6 +177,12 @@ class LabAgent:
 
     def _renewed(self, _: Any) -> None:
         self.last_renewed = time.monotonic()
+        if self.fenced and not self._rejoining:
+            # The lease outlived the silence (etcd heard keep-alives whose answers
+            # were lost): it is proven again, and the broker may host again.
+            log.info('lab: the lease is renewed again; hosting lab equipment again')
+            self.fenced = False
+            self.on_change()
 
     def _not_renewed(self, error: BaseException) -> None:
         if isinstance(error, LeaseGone):

@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from broker.conftest import BrokerHome, broker_home, free_port  # noqa: F401 (fixture)
+from lossy_link import LossyLink
 from support import wait_until
 from ave.broker import Broker
 from ave.broker.exceptions import Busy, LabUnavailable, NoSuch
@@ -282,3 +283,44 @@ def test_without_compact_s_the_history_is_left_to_etcd(lab, etcd_node):
     client.yield_resources(client.get({'type': 'relay', 'uid': 'r1'}))
     time.sleep(2)
     assert 'compacted' not in _oldest_readable(etcd_node.endpoint)
+
+
+@pytest.fixture
+def lossy_link(etcd_node):
+    link = LossyLink(int(etcd_node.endpoint.rsplit(':', 1)[1]))
+    yield link
+    link.close()
+
+
+def test_a_host_fenced_while_its_lease_lived_lets_the_holds_go_and_hosts_again(
+        broker_home, etcd_node, lossy_link, tmp_path):
+    """etcd's answers to the host of r2 are lost for longer than ttl: its keep-alives
+    still arrive (its lease lives on), but it cannot know, so it ends the job's
+    session. Once it hears etcd again it must host again, and the job's hold (its own
+    broker's lease kept it) must go: else r2 stays held by a session nobody reaches."""
+    state = tmp_path / 'state'
+    state.mkdir()
+    homes = []
+    for number, endpoint in ((1, etcd_node.endpoint), (2, lossy_link.endpoint)):
+        home = broker_home(equipment=[relay(f'r{number}', state)],
+                           host=f'127.0.0.{number}', port=free_port(),
+                           lab={'name': 'test-lab', 'etcd': [endpoint], 'ttl': TTL})
+        home.start()
+        homes.append(home)
+    first, second = homes
+    client = client_of(first)
+    relay_proxy = client.get({'type': 'relay', 'uid': 'r2'})
+    relay_proxy.set_circuit('c1', True)
+    lossy_link.lose()
+    assert wait_until(lambda: not _works(relay_proxy), timeout=TTL + 5), \
+        'the host went on hosting a session whose lease it could not prove'
+    lossy_link.heal()
+    other = client_of(first)
+    granted = wait_until(lambda: _try_get(other, {'type': 'relay', 'uid': 'r2'}),
+                         timeout=4 * TTL)
+    assert granted, 'r2 did not come back to the lab after the host heard etcd again'
+    assert (state / 'r2.c1').read_text() == 'open\n', 'not reset after the fence'
+    granted.set_circuit('c1', True)   # hosted again, in a new session
+    assert (state / 'r2.c1').read_text() == 'closed\n'
+    assert client.list_allocations() == [], 'the job still holds what it lost'
+    assert not _works(relay_proxy)
