@@ -78,8 +78,8 @@ MIN_KEY_LENGTH = 32
 #: that its key is wrong; each costs every handshake one more HMAC.
 RETIRED_KEYS = 8
 RETIRED = 'retired-'  # the accounts that recognise them: retired-0, retired-1, ...
-#: How far a session's resident memory and open descriptors may have grown since it
-#: first waited as a spare and still be recycled. Nothing a job does is known to leave
+#: How far a session's resident memory and open descriptors may have grown since the
+#: process started (as a spare, mostly) and still be recycled. Nothing a job does is known to leave
 #: either behind (a test watches both over 44 jobs); these bounds make that a promise
 #: even for a plug-in that leaks, by ending such a process instead of reusing it.
 RECYCLE_MEMORY_GROWTH = 64 * 2**20
