@@ -323,13 +323,7 @@ class LabMode:
         entry = self.agent.mirror.get(self.keys.hold(*ref))
         if entry is None or not entry.value.get('yielded'):
             return  # gone already (its job's broker died), or held anew meanwhile
-        if self._dropping.get(ref) == entry.mod_revision:
-            return  # on its way out
-        self._dropping[ref] = entry.mod_revision
-        key = self.keys.hold(*ref)
-        self.agent.txn([Compare.mod_revision(key, entry.mod_revision)], [Op.delete(key)],
-                       self.agent._ignore,
-                       lambda error: log.warning('lab: a hold stays after a reset: %s', error))
+        self._delete_hold(ref, entry.mod_revision, 'a hold stays after a reset')
 
     def _forget_voided(self) -> None:
         """Void holds that went (deleted, expired) or were replaced by a new grant
@@ -342,17 +336,22 @@ class LabMode:
 
     def _drop_voided(self, ref: ItemRef) -> None:
         """Delete a hold whose session a fence ended, if it is still that hold."""
-        revision = self.voided[ref]
+        if self._dropping.get(ref) != self.voided[ref]:
+            log.info('lab: %s %s: letting go of the hold whose session the fence ended',
+                     ref[1], ref[2])
+        self._delete_hold(ref, self.voided[ref], 'a void hold stays for now')
+
+    def _delete_hold(self, ref: ItemRef, revision: int, if_not: str) -> None:
+        """Delete the hold on ``ref`` if it is still at ``revision`` (once: a delete
+        under way is not sent again; a failed one is, at the next change)."""
         if self._dropping.get(ref) == revision:
             return  # on its way out
         self._dropping[ref] = revision
         key = self.keys.hold(*ref)
-        log.info('lab: %s %s: letting go of the hold whose session the fence ended',
-                 ref[1], ref[2])
 
         def failed(error: BaseException) -> None:
-            log.warning('lab: a void hold stays for now: %s', error)
-            self._dropping.pop(ref, None)  # the next change tries again
+            log.warning('lab: %s: %s', if_not, error)
+            self._dropping.pop(ref, None)
         self.agent.txn([Compare.mod_revision(key, revision)], [Op.delete(key)],
                        self.agent._ignore, failed)
 
